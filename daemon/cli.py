@@ -1,0 +1,272 @@
+"""The command line: parse, call, render text or JSON, exit codes. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.filesize import decimal as human_bytes
+
+from daemon import __version__, logs, queries
+from daemon.config import Config, ConfigError, RootConfig, load, locate
+from daemon.index import Index, IndexError_
+from daemon.model import Op, ScanScope, is_within
+from daemon.progress import ScanProgress
+from daemon.scan import ScanReport, scan
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+# A file that keeps changing while it is hashed is tried again this many times by `scan`.
+UNSTABLE_RETRIES = 3
+UNSTABLE_PAUSE_S = 1.0
+
+
+class Fail(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise Fail(message, EXIT_USAGE)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="treewatch", description="Keep a library index (SQLite) true to a directory tree.")
+    p.add_argument("--config", type=Path, help="configuration file (default: $TREEWATCH_CONFIG, /etc/treewatch/config.toml)")
+    p.add_argument("--db", type=Path, help="index database (overrides `database` in the configuration)")
+    p.add_argument("--version", action="version", version=f"treewatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = sub.add_parser("run", help="the daemon, in the foreground")
+    run.add_argument("--root", type=Path, action="append", default=[], help="a root to watch (repeatable)")
+    s = sub.add_parser("scan", help="one-shot sync of all roots, or of the given subtrees")
+    s.add_argument("--root", type=Path, action="append", default=[], help="a root to sync (repeatable)")
+    s.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    st = sub.add_parser("status", help="roots, daemon activity and counters")
+    st.add_argument("--json", action="store_true")
+    ls = sub.add_parser("ls", help="indexed entries")
+    ls.add_argument("path", nargs="?", type=Path, metavar="PATH")
+    ls.add_argument("--json", action="store_true", help="JSON lines")
+    ch = sub.add_parser("changes", help="the change feed")
+    ch.add_argument("--since", type=int, required=True, metavar="SEQ")
+    ch.add_argument("--json", action="store_true", help="JSON lines")
+    sub.add_parser("check-config", help="validate the configuration and exit")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    path = locate(args.config, os.environ)
+    config = load(path) if path is not None else Config()
+    return config.with_overrides(args.db, getattr(args, "root", []))
+
+
+def open_index(config: Config, *, readonly: bool = False) -> Index:
+    try:
+        return Index(config.database, readonly=readonly)
+    except IndexError_ as e:
+        raise Fail(str(e)) from None
+
+
+def absolute(path: Path) -> bytes:
+    return os.fsencode(os.path.normpath(os.path.abspath(path)))
+
+
+def check_roots(config: Config, index: Index) -> None:
+    """A root that does not exist and was never indexed is a typo, not an unmounted disk."""
+    if not config.roots:
+        raise Fail(f"{config.source}: no roots: pass --root DIR or add a [[roots]] table", EXIT_CONFIG)
+    for root in config.roots:
+        if not root.path.exists() and index.root(os.fsencode(root.path), create=False) is None:
+            raise Fail(f"{config.source}: root {root.path} does not exist (and was never indexed)", EXIT_CONFIG)
+
+
+def scopes_for(config: Config, paths: Sequence[Path]) -> dict[RootConfig, list[ScanScope]]:
+    if not paths:
+        return {r: [ScanScope(os.fsencode(r.path))] for r in config.roots}
+    chosen: dict[RootConfig, list[ScanScope]] = {}
+    for path in paths:
+        target = absolute(path)
+        for r in config.roots:
+            root = os.fsencode(r.path)
+            if is_within(target, root) or root == b"/":
+                rel = target[len(root) :].lstrip(b"/")
+                chosen.setdefault(r, []).append(ScanScope(root, rel, True))
+                break
+        else:
+            raise Fail(f"{path}: not inside any root ({', '.join(str(r.path) for r in config.roots)})", EXIT_USAGE)
+    return chosen
+
+
+def summary(reports: Sequence[ScanReport], seconds: float) -> str:
+    ops = {op: sum(r.ops[op] for r in reports) for op in Op}
+    files = sum(r.files_hashed for r in reports)
+    nbytes = sum(r.bytes_hashed for r in reports)
+    rate = f" at {human_bytes(int(nbytes / seconds))}/s" if seconds > 0 and nbytes else ""
+    errors = sum(r.error_count for r in reports)
+    parts = [
+        f"scanned {len(reports)} root{'s' if len(reports) != 1 else ''} in {seconds:.1f} s",
+        f"{sum(r.walked for r in reports)} entries walked",
+        ", ".join(f"{n} {op.value}" for op, n in ops.items()),
+        f"hashed {files} files, {human_bytes(nbytes)}{rate}",
+        f"{errors} error{'s' if errors != 1 else ''}",
+    ]
+    return "; ".join(parts)
+
+
+def cmd_scan(args: argparse.Namespace, config: Config) -> int:
+    log = logs.get()
+    index = open_index(config)
+    check_roots(config, index)
+    plan = scopes_for(config, args.paths)
+    started = time.monotonic()
+    reports: list[ScanReport] = []
+    with ScanProgress(enabled=sys.stderr.isatty()) as progress:
+        for root, scopes in plan.items():
+            report = scan(index, root, scopes, config.sync, progress=progress)
+            for _ in range(UNSTABLE_RETRIES):
+                if not report.unstable or report.offline:
+                    break
+                time.sleep(UNSTABLE_PAUSE_S)
+                retry = [ScanScope(os.fsencode(root.path), p, False) for p in report.unstable]
+                again = scan(index, root, retry, config.sync, progress=progress)
+                report.ops = {op: report.ops[op] + again.ops[op] for op in Op}
+                report.files_hashed += again.files_hashed
+                report.bytes_hashed += again.bytes_hashed
+                report.unstable = again.unstable
+                report.error_count += again.error_count
+                report.errors.update(again.errors)
+            reports.append(report)
+    for r in reports:
+        root = os.fsdecode(r.root)
+        if r.busy_pid:
+            log.error("root is being scanned by another process", root=root, pid=r.busy_pid)
+        if r.offline:
+            log.error("root is offline: nothing was deleted", root=root, reason=r.offline)
+        if r.device_moved:
+            log.warning("root came back with a new device number; same filesystem, adopted", root=root)
+        for path, error in sorted(r.errors.items())[:20]:
+            log.warning("cannot index", path=os.fsdecode(r.root + b"/" + path), error=error)
+        if len(r.errors) > 20:
+            log.warning("more entries could not be indexed", root=root, count=len(r.errors) - 20)
+        if r.unstable:
+            log.warning("files kept changing while hashed", root=root, count=len(r.unstable))
+    print(f"treewatch: {summary(reports, time.monotonic() - started)}")
+    return EXIT_OK if all(r.clean for r in reports) else EXIT_FAILURE
+
+
+def print_json_lines(rows: Any) -> None:
+    out = sys.stdout
+    for row in rows:
+        out.write(json.dumps(row))
+        out.write("\n")
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    index = open_index(config, readonly=True)
+    data = queries.status(index, config)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    d = data["daemon"]
+    print("daemon: not running" if d is None else f"daemon: pid {d['pid']}, {d['state']}: {d['activity']}")
+    for r in data["roots"]:
+        line = f"{r['path']}: {r['state']}"
+        if r["offline_reason"]:
+            line += f" ({r['offline_reason']})"
+        line += f", {r['files']} files, {r['dirs']} folders, {human_bytes(r['bytes'])}"
+        line += f", last full sync {r['last_full_sync'] or 'never'}, {r['pending']} pending, {r['overflows']} overflows"
+        print(line)
+        if r["scan"]:
+            s = r["scan"]
+            print(f"  scanning ({s['kind']}, {s['step']}): {s['files_done']}/{s['files_queued']} files")
+        for e in r["errors"][:10]:
+            print(f"  error: {e['path']}: {e['error']}")
+    c = data["counters"]
+    scans = ", ".join(f"{n} {k}" for k, n in c["scans"].items())
+    print(f"hashed {c['files_hashed']} files, {human_bytes(c['bytes_hashed'])}; scans: {scans}; seq {data['seq']}")
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, config: Config) -> int:
+    index = open_index(config, readonly=True)
+    roots = [r.path for r in index.roots()]
+    if args.path is None:
+        targets = [(r, b"") for r in roots]
+    else:
+        target = absolute(args.path)
+        root = next((r for r in roots if is_within(target, r) or r == b"/"), None)
+        if root is None:
+            raise Fail(f"{args.path}: not inside any indexed root", EXIT_USAGE)
+        targets = [(root, target[len(root) :].lstrip(b"/"))]
+    rows = queries.listing(index, targets)
+    if args.json:
+        print_json_lines(rows)
+        return EXIT_OK
+    for row in rows:
+        digest = (row["blake3"] or "-")[:16]
+        print(f"{row['kind']:<7} {row['size']:>12} {digest:<16} {row['path']}")
+    return EXIT_OK
+
+
+def cmd_changes(args: argparse.Namespace, config: Config) -> int:
+    index = open_index(config, readonly=True)
+    rows = queries.changes(index, args.since)
+    if args.json:
+        print_json_lines(rows)
+        return EXIT_OK
+    for row in rows:
+        old = f" (from {row['old_path']})" if row["old_path"] else ""
+        print(f"{row['seq']:>8} {row['op']:<8} {row['path']}{old}")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    roots = ", ".join(str(r.path) for r in config.roots) or "none"
+    print(f"{config.source}: ok; database {config.database}; roots: {roots}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from daemon.service import run_daemon  # the daemon's imports are not needed by the queries
+
+    return run_daemon(config)
+
+
+COMMANDS: dict[str, Any] = {
+    "run": cmd_run,
+    "scan": cmd_scan,
+    "status": cmd_status,
+    "ls": cmd_ls,
+    "changes": cmd_changes,
+    "check-config": cmd_check_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        config = load_config(args)
+        logs.configure(config.log.level)
+        code: int = COMMANDS[args.command](args, config)
+        return code
+    except ConfigError as e:
+        print(f"treewatch: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Fail as e:
+        print(f"treewatch: {e}", file=sys.stderr)
+        return e.code
+    except BrokenPipeError:
+        # `treewatch ls | head`: the reader left; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130

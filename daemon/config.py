@@ -1,0 +1,217 @@
+"""Configuration: one frozen object, loaded from TOML and validated. Defaults live here only."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/treewatch/config.toml")
+DEFAULT_DATABASE = Path("/var/lib/treewatch/index.db")
+OBSERVERS = ("auto", "inotify", "polling")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class RootConfig:
+    path: Path
+    observer: str = "auto"
+    exclude: tuple[str, ...] = (".stversions", "*.tmp", ".~lock.*#")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConfig:
+    debounce_s: float = 20.0
+    max_delay_s: float = 300.0
+    max_paths_per_dir: int = 128
+    max_pending: int = 10000
+    poll_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    full_interval_s: float = 86400.0
+    startup: bool = True
+    hash_workers: int = 2
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database: Path = DEFAULT_DATABASE
+    roots: tuple[RootConfig, ...] = ()
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "(defaults)"  # where it was read from, for messages
+
+    def with_overrides(self, database: Path | None, roots: Sequence[Path]) -> Config:
+        """Apply `--db` and `--root` (which replaces the list, keeping the file's settings)."""
+        cfg = self
+        if database is not None:
+            cfg = dataclasses.replace(cfg, database=database)
+        if roots:
+            new_roots = tuple(RootConfig(path=_root_path(str(p), "--root", "command line")) for p in roots)
+            _check_nesting(new_roots, "command line")
+            cfg = dataclasses.replace(cfg, roots=new_roots)
+        return cfg
+
+
+def _root_path(raw: str, key: str, source: str) -> Path:
+    if not raw:
+        raise ConfigError(f"{source}: {key}: a root path is empty")
+    if not os.path.isabs(raw):
+        raise ConfigError(f"{source}: {key}: root {raw!r} is not an absolute path")
+    # normpath, not resolve(): the root may be a symlink or an unmounted mount point, and
+    # what the admin wrote is what the index records.
+    return Path(os.path.normpath(raw))
+
+
+def _check_nesting(roots: Sequence[RootConfig], source: str) -> None:
+    for i, a in enumerate(roots):
+        for b in roots[i + 1 :]:
+            if a.path == b.path:
+                raise ConfigError(f"{source}: roots: {a.path} is listed twice")
+            if a.path in b.path.parents or b.path in a.path.parents:
+                inner, outer = (a, b) if b.path in a.path.parents else (b, a)
+                raise ConfigError(f"{source}: roots: {inner.path} is inside another root, {outer.path}")
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    # bool is an int in Python; a duration or count of `true` is a mistake, not a 1.
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}.{key}: expected {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _section(doc: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
+    section = doc.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    return section
+
+
+def _positive(value: float, where: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be {'zero or more' if allow_zero else 'more than zero'}, got {value}")
+
+
+def parse(doc: Mapping[str, Any], source: str) -> Config:
+    """Build a Config from a parsed TOML document; every problem names its key and file."""
+    _no_unknown(doc, {"database", "roots", "watch", "sync", "log"}, source)
+    database = Path(_typed(doc, "database", str, source, str(DEFAULT_DATABASE)))
+    if not database.is_absolute():
+        raise ConfigError(f"{source}: database: {str(database)!r} is not an absolute path")
+
+    raw_roots = doc.get("roots", [])
+    if not isinstance(raw_roots, list):
+        raise ConfigError(f"{source}: roots: use [[roots]] tables, one per root")
+    roots: list[RootConfig] = []
+    defaults = RootConfig(path=Path("/"))
+    for i, raw in enumerate(raw_roots):
+        where = f"{source}: roots[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table with a path")
+        _no_unknown(raw, {"path", "observer", "exclude"}, where)
+        if "path" not in raw:
+            raise ConfigError(f"{where}: path is missing")
+        path = _root_path(_typed(raw, "path", str, where, ""), f"roots[{i}].path", source)
+        observer = _typed(raw, "observer", str, where, defaults.observer)
+        if observer not in OBSERVERS:
+            raise ConfigError(f"{where}.observer: {observer!r} is not one of {', '.join(OBSERVERS)}")
+        exclude = _typed(raw, "exclude", list, where, list(defaults.exclude))
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise ConfigError(f"{where}.exclude: expected a list of non-empty glob strings")
+        roots.append(RootConfig(path=path, observer=observer, exclude=tuple(exclude)))
+    _check_nesting(roots, source)
+
+    w = _section(doc, "watch", source)
+    wd = WatchConfig()
+    where = f"{source}: watch"
+    _no_unknown(w, {f.name for f in dataclasses.fields(WatchConfig)}, where)
+    watch = WatchConfig(
+        debounce_s=_typed(w, "debounce_s", float, where, wd.debounce_s),
+        max_delay_s=_typed(w, "max_delay_s", float, where, wd.max_delay_s),
+        max_paths_per_dir=_typed(w, "max_paths_per_dir", int, where, wd.max_paths_per_dir),
+        max_pending=_typed(w, "max_pending", int, where, wd.max_pending),
+        poll_interval_s=_typed(w, "poll_interval_s", float, where, wd.poll_interval_s),
+    )
+    for f in dataclasses.fields(WatchConfig):
+        _positive(getattr(watch, f.name), f"{where}.{f.name}", allow_zero=f.name == "debounce_s")
+    if watch.max_delay_s < watch.debounce_s:
+        raise ConfigError(f"{where}.max_delay_s: {watch.max_delay_s} is shorter than debounce_s {watch.debounce_s}")
+
+    s = _section(doc, "sync", source)
+    sd = SyncConfig()
+    where = f"{source}: sync"
+    _no_unknown(s, {f.name for f in dataclasses.fields(SyncConfig)}, where)
+    sync = SyncConfig(
+        full_interval_s=_typed(s, "full_interval_s", float, where, sd.full_interval_s),
+        startup=_typed(s, "startup", bool, where, sd.startup),
+        hash_workers=_typed(s, "hash_workers", int, where, sd.hash_workers),
+        batch_size=_typed(s, "batch_size", int, where, sd.batch_size),
+    )
+    _positive(sync.full_interval_s, f"{where}.full_interval_s", allow_zero=True)
+    _positive(sync.hash_workers, f"{where}.hash_workers")
+    _positive(sync.batch_size, f"{where}.batch_size")
+
+    lg = _section(doc, "log", source)
+    where = f"{source}: log"
+    _no_unknown(lg, {"level"}, where)
+    level = _typed(lg, "level", str, where, LogConfig().level)
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{where}.level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    return Config(database=database, roots=tuple(roots), watch=watch, sync=sync, log=LogConfig(level), source=source)
+
+
+def load(path: Path) -> Config:
+    source = str(path)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, not a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return parse(doc, source)
+
+
+def locate(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """`--config`, then `$TREEWATCH_CONFIG`, then /etc/treewatch/config.toml if it exists."""
+    if explicit is not None:
+        return explicit
+    if environ.get("TREEWATCH_CONFIG"):
+        return Path(environ["TREEWATCH_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None

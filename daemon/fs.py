@@ -1,0 +1,150 @@
+"""Every filesystem access of the scanner: safe opens, directory listings, xattrs, mounts.
+
+Nothing here follows a symlink below a root, and nothing opens a FIFO, socket or device:
+an ``open()`` on a FIFO blocks until a writer appears, so files are opened with
+``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` before a byte is read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+from pathlib import Path
+
+import xattr
+
+from daemon.model import Stat
+
+OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Moved(Exception):
+    """The entry at a path is no longer the one the walk saw (swapped, replaced, changed)."""
+
+
+def lstat(path: bytes) -> Stat:
+    return Stat.of(os.lstat(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A folder's children as (name, lstat) pairs, read through a verified descriptor."""
+
+    children: list[tuple[bytes, Stat]]
+    vanished: list[bytes]  # listed, then gone before their lstat
+
+
+def list_dir(path: bytes, expected: Stat | None) -> Listing:
+    """List a folder by a descriptor opened without following symlinks.
+
+    When ``expected`` is given, the folder must still be the inode the parent's listing
+    showed: a folder swapped for a symlink (or another folder) between the two steps is
+    not read, so nothing outside the root is ever listed.
+    """
+    fd = os.open(path, OPEN_DIR)
+    try:
+        if expected is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (expected.dev, expected.inode):
+                raise Moved(path)
+        children: list[tuple[bytes, Stat]] = []
+        vanished: list[bytes] = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                name = os.fsencode(entry.name)
+                try:
+                    children.append((name, Stat.of(entry.stat(follow_symlinks=False))))
+                except FileNotFoundError:
+                    vanished.append(name)
+        return Listing(children, vanished)
+    finally:
+        os.close(fd)
+
+
+def is_empty_dir(path: bytes) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def read_xattrs(target: bytes | int) -> str | None:
+    """Extended attributes of a path (not followed) or an open descriptor, as JSON text.
+
+    {name: value}, both os.fsdecode'd (surrogateescape), so any byte string round-trips
+    through JSON; None when there are none or the filesystem has no xattrs.
+    """
+    try:
+        items = xattr.get_all(target, nofollow=True) if isinstance(target, bytes) else xattr.get_all(target)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENOENT, errno.EACCES, errno.EPERM):
+            return None
+        raise
+    if not items:
+        return None
+    return json.dumps({os.fsdecode(k): os.fsdecode(v) for k, v in sorted(items)}, sort_keys=True)
+
+
+def read_link(path: bytes) -> bytes:
+    return os.readlink(path)
+
+
+def open_verified(path: bytes, expected: Stat) -> int:
+    """Open a regular file the walk saw, refusing anything that is not that same file."""
+    fd = os.open(path, OPEN_FILE)
+    st = os.fstat(fd)
+    if not stat_mod.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (expected.dev, expected.inode):
+        os.close(fd)
+        raise Moved(path)
+    return fd
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    mount_point: bytes
+    fs_type: str
+    device: str
+
+
+def _unescape(field: str) -> bytes:
+    # mountinfo escapes space, tab, newline and backslash as octal (proc(5)).
+    raw = field.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out)
+
+
+def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Mount]:
+    result = []
+    with mountinfo.open("rb") as f:
+        for line in f:
+            fields = line.decode("utf-8", "surrogateescape").split()
+            sep = fields.index("-")
+            result.append(Mount(_unescape(fields[4]), fields[sep + 1], fields[sep + 2]))
+    return result
+
+
+def mount_of(path: bytes, table: list[Mount] | None = None) -> Mount | None:
+    """The mount holding ``path``: the longest mount point that is a prefix of it (the last one wins)."""
+    best: Mount | None = None
+    for m in table if table is not None else mounts():
+        mp = m.mount_point.rstrip(b"/") or b"/"
+        if (path == mp or path.startswith(mp.rstrip(b"/") + b"/")) and (
+            best is None or len(mp) >= len(best.mount_point.rstrip(b"/") or b"/")
+        ):
+            best = m
+    return best
+
+
+def fs_type(path: bytes) -> str:
+    m = mount_of(os.path.realpath(path))
+    return m.fs_type if m else "unknown"

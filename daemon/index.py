@@ -1,0 +1,694 @@
+"""The index: SQLite schema, migrations and every query. The only module with SQL.
+
+Writes happen in explicit transactions (one per batch). Sequence numbers and entry ids are
+assigned inside a ``BEGIN IMMEDIATE`` transaction, which holds SQLite's single write lock, so
+readers only ever see whole batches and the change feed has no gaps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
+
+SCHEMA_VERSION = 1
+
+# Each migration takes the database from version N-1 to N; append, never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE roots(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path BLOB NOT NULL UNIQUE,
+        dev INTEGER,
+        state TEXT NOT NULL DEFAULT 'online',
+        offline_reason TEXT,
+        last_full_sync REAL,
+        overflows INTEGER NOT NULL DEFAULT 0,
+        observer TEXT,
+        pending INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE entries(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        root_id INTEGER NOT NULL REFERENCES roots(id),
+        path BLOB NOT NULL,
+        parent_id INTEGER NOT NULL,          -- 0 for the root's own children
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        dev INTEGER NOT NULL,
+        mode INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        gid INTEGER NOT NULL,
+        nlink INTEGER NOT NULL,
+        blake3 BLOB,
+        racy INTEGER NOT NULL DEFAULT 0,
+        scheme INTEGER NOT NULL DEFAULT 0,
+        target BLOB,
+        xattrs TEXT,
+        seq INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX entries_by_path ON entries(root_id, path);
+    CREATE INDEX entries_by_parent ON entries(root_id, parent_id);
+    CREATE INDEX entries_by_inode ON entries(inode);
+    CREATE INDEX entries_by_hash ON entries(blake3, size) WHERE blake3 IS NOT NULL;
+    CREATE TABLE changes(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        entry_id INTEGER NOT NULL,
+        root_id INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path BLOB NOT NULL,
+        old_path BLOB,
+        at REAL NOT NULL
+    );
+    CREATE TABLE scans(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        root_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        state TEXT NOT NULL,                 -- walking | hashing | deleting | done
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        queued_files INTEGER NOT NULL DEFAULT 0,
+        queued_bytes INTEGER NOT NULL DEFAULT 0,
+        done_files INTEGER NOT NULL DEFAULT 0,
+        done_bytes INTEGER NOT NULL DEFAULT 0,
+        pid INTEGER NOT NULL
+    );
+    CREATE TABLE scan_queue(
+        scan_id INTEGER NOT NULL,
+        path BLOB NOT NULL,
+        reason TEXT NOT NULL,                -- new | content | metadata | replaced
+        entry_id INTEGER,                    -- the row now at this path, if any
+        parent_id INTEGER,                   -- NULL when the parent is new too
+        kind TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL, dev INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL,
+        gid INTEGER NOT NULL, nlink INTEGER NOT NULL,
+        renamed_from INTEGER,                -- a gone entry matched by inode
+        PRIMARY KEY(scan_id, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX scan_queue_by_inode ON scan_queue(scan_id, inode);
+    CREATE TABLE scan_gone(
+        scan_id INTEGER NOT NULL,
+        entry_id INTEGER NOT NULL,
+        PRIMARY KEY(scan_id, entry_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE errors(
+        root_id INTEGER NOT NULL,
+        path BLOB NOT NULL,
+        error TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY(root_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE daemon(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        activity TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+)
+
+ENTRY_COLUMNS = (
+    "id, root_id, path, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink,"
+    " blake3, racy, scheme, seq, target, xattrs"
+)
+COUNTERS = ("files_hashed", "bytes_hashed", "scans_full", "scans_subtree", "scans_folder", "scans_file")
+
+
+class IndexError_(Exception):
+    """The database cannot be used: the message names the file and the reason."""
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    stat = Stat(Kind(row[3]), *row[4:13])
+    return Entry(row[0], row[1], row[2], stat, row[13], bool(row[14]), row[15], row[16], row[17], row[18])
+
+
+def _under(column: str) -> str:
+    """SQL for "column is :p or below it", with :lo and :hi from `_bounds` (memcmp order)."""
+    return f"({column} = :p OR ({column} >= :lo AND {column} < :hi))"
+
+
+def _bounds(path: bytes) -> dict[str, bytes]:
+    # Everything below "a/b" sorts between "a/b/" and "a/b0": '0' is the byte after '/'.
+    # Computed here, not with SQL's ||, which turns BLOBs into TEXT (and TEXT sorts before BLOB).
+    return {"p": path, "lo": path + b"/", "hi": path + b"0"}
+
+
+@dataclass(frozen=True, slots=True)
+class RootRow:
+    id: int
+    path: bytes
+    dev: int | None
+    state: RootState
+    offline_reason: str | None
+    last_full_sync: float | None
+    overflows: int
+    observer: str | None
+    pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveScan:
+    root_id: int
+    kind: str
+    state: str
+    done_files: int
+    queued_files: int
+    done_bytes: int
+    queued_bytes: int
+    started_at: float
+    pid: int
+
+
+@dataclass(slots=True)
+class Write:
+    """One row to store: an insert (entry_id None), an update, or a rename (old_path set)."""
+
+    op: Op
+    path: bytes
+    stat: Stat
+    entry_id: int | None = None
+    parent_id: int | None = None
+    blake3: bytes | None = None
+    keep_hash: bool = False  # a metadata refresh keeps the stored hash
+    racy: bool = False
+    scheme: int = 0
+    target: bytes | None = None
+    xattrs: str | None = None
+    old_path: bytes | None = None
+    evict_id: int | None = None  # a row to delete first because this one takes its path
+    park_id: int | None = None  # a row to move aside first: it is renamed elsewhere later
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one transaction commits."""
+
+    root_id: int
+    scan_id: int | None = None
+    writes: list[Write] = field(default_factory=list)
+    deletes: list[tuple[int, bytes, Kind]] = field(default_factory=list)
+    queue_done: list[bytes] = field(default_factory=list)
+    errors: dict[bytes, str] = field(default_factory=dict)
+    errors_cleared: list[bytes] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    done_files: int = 0
+    done_bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.writes) + len(self.deletes) + len(self.queue_done)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    path: bytes
+    reason: str
+    entry_id: int | None
+    parent_id: int | None
+    stat: Stat
+    renamed_from: int | None
+
+
+class Index:
+    """A connection to the index database. One per thread; cheap to open."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            if not path.exists():
+                raise IndexError_(f"{path}: no such database (run `treewatch scan` first)")
+            uri = f"file:{path}?mode=ro"
+        else:
+            if not path.parent.is_dir():
+                raise IndexError_(f"{path}: folder {path.parent} does not exist")
+            if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+                raise IndexError_(f"{path}: permission denied (the database must be readable and writable)")
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise IndexError_(f"{path}: folder {path.parent} is not writable (SQLite needs it for its WAL)")
+            uri = f"file:{path}?mode=rwc"
+        try:
+            # The database is created without world bits: it lists every file of the library.
+            old_umask = os.umask(0o027)
+            try:
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=60)
+            finally:
+                os.umask(old_umask)
+            self.db.execute("PRAGMA busy_timeout = 60000")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode loses at most the last transactions on power loss, never
+                # consistency; the next scan finds what they held on disk again.
+                self.db.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+            else:
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise IndexError_(f"{path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
+        except sqlite3.DatabaseError as e:
+            raise IndexError_(f"{path}: {_describe(e)}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise IndexError_(f"{self.path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
+        if version == 0 and self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise IndexError_(f"{self.path}: an SQLite database, but not a treewatch index")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in MIGRATIONS[target - 1].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {target}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- roots -------------------------------------------------------------------------
+
+    def root(self, path: bytes, *, create: bool = True) -> RootRow | None:
+        row = self.db.execute("SELECT * FROM roots WHERE path = ?", (path,)).fetchone()
+        if row is None and create:
+            with self.transaction():
+                self.db.execute("INSERT OR IGNORE INTO roots(path) VALUES (?)", (path,))
+            row = self.db.execute("SELECT * FROM roots WHERE path = ?", (path,)).fetchone()
+        return None if row is None else RootRow(row[0], row[1], row[2], RootState(row[3]), *row[4:])
+
+    def roots(self) -> list[RootRow]:
+        rows = self.db.execute("SELECT * FROM roots ORDER BY path").fetchall()
+        return [RootRow(r[0], r[1], r[2], RootState(r[3]), *r[4:]) for r in rows]
+
+    def set_root(self, root_id: int, **fields: Any) -> None:
+        allowed = {"dev", "state", "offline_reason", "last_full_sync", "overflows", "observer", "pending"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k} = :{k}" for k in fields)
+        with self.transaction():
+            self.db.execute(f"UPDATE roots SET {sets} WHERE id = :id", {**fields, "id": root_id})
+
+    def move_root_dev(self, root_id: int, dev: int) -> None:
+        """A filesystem that came back with a new anonymous device number (NFS, btrfs, tmpfs)."""
+        with self.transaction():
+            self.db.execute("UPDATE roots SET dev = ? WHERE id = ?", (dev, root_id))
+            self.db.execute("UPDATE entries SET dev = ? WHERE root_id = ?", (dev, root_id))
+
+    def entry_count(self, root_id: int) -> int:
+        row = self.db.execute("SELECT count(*) FROM entries WHERE root_id = ?", (root_id,)).fetchone()
+        return int(row[0])
+
+    def sample_inodes(self, root_id: int, limit: int = 16) -> list[tuple[bytes, int]]:
+        rows = self.db.execute(
+            "SELECT path, inode FROM entries WHERE root_id = ? AND parent_id = 0 ORDER BY path LIMIT ?",
+            (root_id, limit),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    # --- reading entries ---------------------------------------------------------------
+
+    def entry(self, root_id: int, path: bytes) -> Entry | None:
+        row = self.db.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = ? AND path = ?", (root_id, path)
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def children(self, root_id: int, parent_id: int) -> dict[bytes, Entry]:
+        rows = self.db.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = ? AND parent_id = ?", (root_id, parent_id)
+        ).fetchall()
+        return {row[2]: _entry(row) for row in rows}
+
+    def entries_under(self, root_id: int, path: bytes) -> Iterator[Entry]:
+        """Entries at or below a root-relative path (b"" is the whole root), in path order."""
+        if path:
+            sql = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r AND {_under('path')} ORDER BY path"
+        else:
+            sql = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r ORDER BY path"
+        for row in self.db.execute(sql, {"r": root_id, **_bounds(path)}):
+            yield _entry(row)
+
+    def changes_since(self, seq: int, limit: int = 10_000) -> Iterator[tuple[int, Op, Kind, bytes, bytes | None, bytes]]:
+        """The feed after ``seq``: (seq, op, kind, root path, old path, path), read in pages."""
+        while True:
+            rows = self.db.execute(
+                "SELECT c.seq, c.op, c.kind, r.path, c.old_path, c.path FROM changes c JOIN roots r ON r.id = c.root_id"
+                " WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
+            for row in rows:
+                yield row[0], Op(row[1]), Kind(row[2]), row[3], row[4], row[5]
+            if len(rows) < limit:
+                return
+            seq = rows[-1][0]
+
+    def last_seq(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return int(row[0]) if row else 0
+
+    def totals(self, root_id: int) -> tuple[int, int, int]:
+        """(files, dirs, bytes of files) under a root."""
+        row = self.db.execute(
+            "SELECT count(*) FILTER (WHERE kind = 'file'), count(*) FILTER (WHERE kind = 'dir'),"
+            " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM entries WHERE root_id = ?",
+            (root_id,),
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def errors(self, root_id: int, limit: int = 100) -> list[tuple[bytes, str]]:
+        rows = self.db.execute(
+            "SELECT path, error FROM errors WHERE root_id = ? ORDER BY at DESC LIMIT ?", (root_id, limit)
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def counters(self) -> dict[str, int]:
+        values = dict.fromkeys(COUNTERS, 0)
+        values.update({name: int(v) for name, v in self.db.execute("SELECT name, value FROM counters")})
+        return values
+
+    def add_counters(self, counters: dict[str, int]) -> None:
+        with self.transaction():
+            self._add_counters(counters)
+
+    def _add_counters(self, counters: dict[str, int]) -> None:
+        self.db.executemany(
+            "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in counters.items() if v],
+        )
+
+    # --- scans (progress, for resume) --------------------------------------------------
+
+    def begin_scan(self, root_id: int, kind: str, scopes: str) -> int:
+        with self.transaction():
+            # A new scan of a root replaces whatever an interrupted one left queued: the walk
+            # finds again all that was not committed, and nothing that was.
+            self._drop_scans(root_id)
+            self._unpark(root_id)
+            cur = self.db.execute(
+                "INSERT INTO scans(root_id, kind, scopes, state, started_at, pid) VALUES (?, ?, ?, 'walking', ?, ?)",
+                (root_id, kind, scopes, time.time(), os.getpid()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def _drop_scans(self, root_id: int) -> None:
+        for (scan_id,) in self.db.execute(
+            "SELECT id FROM scans WHERE root_id = ? AND state != 'done'", (root_id,)
+        ).fetchall():
+            self.db.execute("DELETE FROM scan_queue WHERE scan_id = ?", (scan_id,))
+            self.db.execute("DELETE FROM scan_gone WHERE scan_id = ?", (scan_id,))
+            self.db.execute("UPDATE scans SET state = 'replaced', finished_at = ? WHERE id = ?", (time.time(), scan_id))
+
+    def _unpark(self, root_id: int) -> None:
+        """Put back rows an interrupted scan parked; one whose path was taken meanwhile is gone."""
+        parked = self.db.execute(
+            "SELECT id, path, kind FROM entries WHERE root_id = ? AND path >= x'00' AND path < x'01'", (root_id,)
+        ).fetchall()
+        for entry_id, path, kind in parked:
+            if self.id_of(root_id, path[1:]) is None:
+                self.db.execute("UPDATE entries SET path = ? WHERE id = ?", (path[1:], entry_id))
+            else:
+                self.db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                self.db.execute(
+                    "INSERT INTO changes(entry_id, root_id, op, kind, path, old_path, at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                    (entry_id, root_id, Op.DELETED.value, kind, path[1:], time.time()),
+                )
+
+    def interrupted_scan(self, root_id: int) -> tuple[str, str, int, int] | None:
+        """(kind, scopes, files done, files queued) of a scan that did not finish."""
+        row = self.db.execute(
+            "SELECT kind, scopes, done_files, queued_files FROM scans WHERE root_id = ? AND state NOT IN ('done', 'replaced')"
+            " ORDER BY id DESC LIMIT 1",
+            (root_id,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def set_scan(self, scan_id: int, **fields: Any) -> None:
+        allowed = {"state", "queued_files", "queued_bytes", "finished_at"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k} = :{k}" for k in fields)
+        with self.transaction():
+            self.db.execute(f"UPDATE scans SET {sets} WHERE id = :id", {**fields, "id": scan_id})
+
+    def finish_scan(self, scan_id: int, root_id: int, *, full: bool, counter: str) -> None:
+        now = time.time()
+        with self.transaction():
+            self.db.execute("DELETE FROM scan_queue WHERE scan_id = ?", (scan_id,))
+            self.db.execute("DELETE FROM scan_gone WHERE scan_id = ?", (scan_id,))
+            self.db.execute("UPDATE scans SET state = 'done', finished_at = ? WHERE id = ?", (now, scan_id))
+            # Keep a short history of scans; the queue tables of finished ones are already empty.
+            self.db.execute("DELETE FROM scans WHERE state IN ('done', 'replaced') AND id < ? - 1000", (scan_id,))
+            if full:
+                self.db.execute("UPDATE roots SET last_full_sync = ? WHERE id = ?", (now, root_id))
+            self._add_counters({counter: 1})
+
+    def active_scans(self) -> list[ActiveScan]:
+        """Scans not finished, with the pid that runs (or ran) them."""
+        return [
+            ActiveScan(*r)
+            for r in self.db.execute(
+                "SELECT s.root_id, s.kind, s.state, s.done_files, s.queued_files, s.done_bytes, s.queued_bytes,"
+                " s.started_at, s.pid FROM scans s WHERE s.state IN ('walking', 'hashing', 'deleting')"
+            )
+        ]
+
+    def queue(self, scan_id: int, rows: Iterable[QueueRow]) -> None:
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO scan_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                [
+                    (scan_id, r.path, r.reason, r.entry_id, r.parent_id, r.stat.kind.value, r.stat.size,
+                     r.stat.mtime_ns, r.stat.ctime_ns, r.stat.inode, r.stat.dev, r.stat.mode, r.stat.uid,
+                     r.stat.gid, r.stat.nlink)
+                    for r in rows
+                ],
+            )  # fmt: skip
+
+    def mark_gone(self, scan_id: int, root_id: int, paths: Iterable[bytes]) -> None:
+        """Mark index entries (and everything below them) as not found on disk by this scan."""
+        with self.transaction():
+            for path in paths:
+                self.db.execute(
+                    f"INSERT OR IGNORE INTO scan_gone SELECT :s, id FROM entries WHERE root_id = :r AND {_under('path')}",
+                    {"s": scan_id, "r": root_id, **_bounds(path)},
+                )
+
+    def match_renames_by_inode(self, scan_id: int) -> list[tuple[bytes, int, bytes]]:
+        """Pairs (new path, gone entry id, its old path) with the same dev, inode and kind."""
+        rows = self.db.execute(
+            """SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
+               FROM scan_gone g JOIN entries e ON e.id = g.entry_id
+               JOIN scan_queue q ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev AND q.kind = e.kind
+               WHERE g.scan_id = ? AND q.reason != 'metadata' ORDER BY q.path""",
+            (scan_id,),
+        ).fetchall()
+        taken_new: set[bytes] = set()
+        taken_old: set[int] = set()
+        pairs = []
+        for new_path, old_id, old_path, kind, old_size, old_mtime, size, mtime in rows:
+            if new_path in taken_new or old_id in taken_old:
+                continue  # hard links: one inode, several names; the first pair wins
+            if kind == Kind.FILE.value and (old_size, old_mtime) != (size, mtime):
+                continue
+            taken_new.add(new_path)
+            taken_old.add(old_id)
+            pairs.append((new_path, old_id, old_path))
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE scan_queue SET renamed_from = ? WHERE scan_id = ? AND path = ?",
+                [(old_id, scan_id, new_path) for new_path, old_id, _ in pairs],
+            )
+            self.db.executemany(
+                "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", [(scan_id, old_id) for _, old_id, _ in pairs]
+            )
+        return pairs
+
+    def queued(self, scan_id: int, chunk: int = 1000) -> Iterator[QueueRow]:
+        """The queue in path order (a folder before what it holds), read in chunks."""
+        after = b""
+        first = True
+        while True:
+            rows = self.db.execute(
+                "SELECT path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid,"
+                " nlink, renamed_from FROM scan_queue WHERE scan_id = ? AND (? OR path > ?) ORDER BY path LIMIT ?",
+                (scan_id, first, after, chunk),
+            ).fetchall()
+            for r in rows:
+                yield QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14])
+            if len(rows) < chunk:
+                return
+            first = False
+            after = rows[-1][0]
+
+    def queue_totals(self, scan_id: int) -> tuple[int, int]:
+        """(entries, bytes to hash) still queued."""
+        row = self.db.execute(
+            "SELECT count(*), coalesce(sum(size) FILTER (WHERE kind = 'file' AND reason != 'metadata'"
+            " AND renamed_from IS NULL), 0) FROM scan_queue WHERE scan_id = ?",
+            (scan_id,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def gone_with_hash(self, scan_id: int, blake3: bytes, size: int, exclude: set[int]) -> tuple[int, bytes] | None:
+        """A gone file with this content: the rename rule's last resort."""
+        for entry_id, path in self.db.execute(
+            "SELECT e.id, e.path FROM entries e JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
+            " WHERE e.blake3 = ? AND e.size = ? AND e.kind = 'file' ORDER BY e.path",
+            (scan_id, blake3, size),
+        ):
+            if entry_id not in exclude:
+                return int(entry_id), bytes(path)
+        return None
+
+    def gone(self, scan_id: int, chunk: int) -> list[tuple[int, bytes, Kind]]:
+        """The next chunk of gone entries, deepest first so a folder goes after what it held."""
+        rows = self.db.execute(
+            "SELECT e.id, e.path, e.kind FROM scan_gone g JOIN entries e ON e.id = g.entry_id"
+            " WHERE g.scan_id = ? ORDER BY e.path DESC LIMIT ?",
+            (scan_id, chunk),
+        ).fetchall()
+        return [(r[0], r[1], Kind(r[2])) for r in rows]
+
+    def id_of(self, root_id: int, path: bytes) -> int | None:
+        row = self.db.execute("SELECT id FROM entries WHERE root_id = ? AND path = ?", (root_id, path)).fetchone()
+        return None if row is None else int(row[0])
+
+    # --- writing -----------------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """Commit one batch in one transaction: rows, feed entries, queue progress, counters."""
+        now = time.time()
+        with self.transaction():
+            seq = self.last_seq()
+            next_id_row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+            next_id = (int(next_id_row[0]) if next_id_row else 0) + 1
+            feed: list[tuple[int, int, int, str, str, bytes, bytes | None, float]] = []
+            new_ids: dict[bytes, int] = {}
+
+            for entry_id, path, kind in batch.deletes:
+                seq += 1
+                self.db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                if batch.scan_id is not None:
+                    self.db.execute("DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, entry_id))
+                feed.append((seq, entry_id, batch.root_id, Op.DELETED.value, kind.value, path, None, now))
+
+            for w in batch.writes:
+                seq += 1
+                if w.evict_id is not None:
+                    row = self.db.execute("SELECT path, kind FROM entries WHERE id = ?", (w.evict_id,)).fetchone()
+                    if row is not None and row[0] == w.path:
+                        self.db.execute("DELETE FROM entries WHERE id = ?", (w.evict_id,))
+                        feed.append((seq, w.evict_id, batch.root_id, Op.DELETED.value, row[1], row[0], None, now))
+                        seq += 1
+                if w.park_id is not None:
+                    # The row at this path moves elsewhere later in this scan (mv b c; mv a b):
+                    # park it under a name no kernel allows, until its own rename comes.
+                    self.db.execute("UPDATE entries SET path = x'00' || path WHERE id = ?", (w.park_id,))
+                if w.op is Op.RENAMED and batch.scan_id is not None:
+                    self.db.execute("DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, w.entry_id))
+                parent_id = w.parent_id
+                if parent_id is None:
+                    parent_path = parent_of(w.path)
+                    parent_id = 0 if not parent_path else new_ids.get(parent_path) or self.id_of(batch.root_id, parent_path)
+                    if parent_id is None:
+                        raise IndexError_(f"{self.path}: parent of {w.path!r} is not indexed")
+                s = w.stat
+                stat_values = (s.kind.value, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.dev, s.mode, s.uid, s.gid, s.nlink)
+                if w.entry_id is None:
+                    entry_id = next_id
+                    next_id += 1
+                    self.db.execute(
+                        "INSERT INTO entries(id, root_id, path, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev,"
+                        " mode, uid, gid, nlink, blake3, racy, scheme, target, xattrs, seq)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (entry_id, batch.root_id, w.path, parent_id, *stat_values, w.blake3, w.racy, w.scheme,
+                         w.target, w.xattrs, seq),
+                    )  # fmt: skip
+                    if s.kind is Kind.DIR:
+                        new_ids[w.path] = entry_id
+                else:
+                    entry_id = w.entry_id
+                    hash_sql = "" if w.keep_hash else ", blake3 = :blake3, racy = :racy, scheme = :scheme"
+                    self.db.execute(
+                        "UPDATE entries SET path = :path, parent_id = :parent, kind = :kind, size = :size,"
+                        " mtime_ns = :mtime, ctime_ns = :ctime, inode = :inode, dev = :dev, mode = :mode, uid = :uid,"
+                        f" gid = :gid, nlink = :nlink, target = :target, xattrs = :xattrs, seq = :seq{hash_sql}"
+                        " WHERE id = :id",
+                        {"path": w.path, "parent": parent_id, "kind": s.kind.value, "size": s.size,
+                         "mtime": s.mtime_ns, "ctime": s.ctime_ns, "inode": s.inode, "dev": s.dev, "mode": s.mode,
+                         "uid": s.uid, "gid": s.gid, "nlink": s.nlink, "target": w.target, "xattrs": w.xattrs,
+                         "seq": seq, "blake3": w.blake3, "racy": w.racy, "scheme": w.scheme, "id": entry_id},
+                    )  # fmt: skip
+                    if w.old_path is not None and s.kind is Kind.DIR:
+                        new_ids[w.path] = entry_id
+                feed.append((seq, entry_id, batch.root_id, w.op.value, s.kind.value, w.path, w.old_path, now))
+
+            self.db.executemany("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", feed)
+            if batch.scan_id is not None and batch.queue_done:
+                self.db.executemany(
+                    "DELETE FROM scan_queue WHERE scan_id = ? AND path = ?",
+                    [(batch.scan_id, p) for p in batch.queue_done],
+                )
+            if batch.scan_id is not None and (batch.done_files or batch.done_bytes):
+                self.db.execute(
+                    "UPDATE scans SET done_files = done_files + ?, done_bytes = done_bytes + ?, state = 'hashing'"
+                    " WHERE id = ?",
+                    (batch.done_files, batch.done_bytes, batch.scan_id),
+                )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO errors VALUES (?, ?, ?, ?)",
+                [(batch.root_id, p, e, now) for p, e in batch.errors.items()],
+            )
+            self.db.executemany(
+                "DELETE FROM errors WHERE root_id = ? AND path = ?", [(batch.root_id, p) for p in batch.errors_cleared]
+            )
+            self._add_counters(batch.counters)
+
+    def clear_errors_under(self, root_id: int, path: bytes) -> None:
+        with self.transaction():
+            if path:
+                self.db.execute(f"DELETE FROM errors WHERE root_id = :r AND {_under('path')}", {"r": root_id, **_bounds(path)})
+            else:
+                self.db.execute("DELETE FROM errors WHERE root_id = ?", (root_id,))
+
+    # --- the daemon's row --------------------------------------------------------------
+
+    def set_daemon(self, pid: int, started_at: float, state: str, activity: str) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)", (pid, started_at, state, activity, time.time())
+            )
+
+    def daemon_row(self) -> tuple[int, float, str, str, float] | None:
+        row = self.db.execute("SELECT pid, started_at, state, activity, updated_at FROM daemon").fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+
+
+def _describe(e: sqlite3.DatabaseError) -> str:
+    text = str(e)
+    if "file is not a database" in text:
+        return "not an SQLite database (corrupt, or another kind of file)"
+    if "unable to open" in text:
+        return "cannot be opened (missing folder or permission denied)"
+    if "readonly" in text:
+        return "is read-only"
+    return text

@@ -1,0 +1,146 @@
+"""The shared vocabulary of every stage: kinds, feed operations, scopes, stats."""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+
+
+class Kind(enum.StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    OTHER = "other"  # FIFO, socket, device node: recorded, never opened
+
+    @classmethod
+    def of_mode(cls, mode: int) -> Kind:
+        if stat_mod.S_ISREG(mode):
+            return cls.FILE
+        if stat_mod.S_ISDIR(mode):
+            return cls.DIR
+        if stat_mod.S_ISLNK(mode):
+            return cls.SYMLINK
+        return cls.OTHER
+
+
+class Op(enum.StrEnum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+    RENAMED = "renamed"
+    METADATA = "metadata"
+
+
+class RootState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    SCANNING = "scanning"
+
+
+class ScanKind(enum.StrEnum):
+    FULL = "full"
+    SUBTREE = "subtree"
+    FOLDER = "folder"
+    FILE = "file"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ScanScope:
+    """What one scan looks at: ``subtree`` is relative to ``root`` (b"" is the root itself).
+
+    A recursive scope covers the subtree and everything below it. A non-recursive scope
+    covers the path itself and, when it is a folder, its direct children (a child folder
+    that the index does not know yet is walked whole, since no event was seen for what
+    was created in it before its watch existed).
+    """
+
+    root: bytes
+    subtree: bytes = b""
+    recursive: bool = True
+
+    @property
+    def absolute(self) -> bytes:
+        return join(self.root, self.subtree)
+
+    def covers(self, other: ScanScope) -> bool:
+        """True when scanning ``self`` also scans everything ``other`` would."""
+        if self.root != other.root:
+            return False
+        if self.subtree == other.subtree:
+            return self.recursive or not other.recursive
+        if not self.recursive:
+            # A folder scope covers its direct children, not deeper paths.
+            return parent_of(other.subtree) == self.subtree and not other.recursive
+        return is_within(other.subtree, self.subtree)
+
+
+def join(base: bytes, rel: bytes) -> bytes:
+    if not rel:
+        return base
+    return base.rstrip(b"/") + b"/" + rel if base != b"/" else b"/" + rel
+
+
+def parent_of(rel: bytes) -> bytes:
+    """The parent of a root-relative path; the root's own children have parent b""."""
+    slash = rel.rfind(b"/")
+    return rel[:slash] if slash >= 0 else b""
+
+
+def name_of(rel: bytes) -> bytes:
+    return rel[rel.rfind(b"/") + 1 :]
+
+
+def is_within(rel: bytes, ancestor: bytes) -> bool:
+    """True when ``rel`` is ``ancestor`` or lies below it (both root-relative)."""
+    if not ancestor:
+        return True
+    return rel == ancestor or rel.startswith(ancestor + b"/")
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of an lstat that the index keeps."""
+
+    kind: Kind
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    dev: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Stat:
+        return cls(
+            Kind.of_mode(st.st_mode),
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+            st.st_dev,
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_nlink,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One indexed entry, as the index holds it."""
+
+    id: int
+    root_id: int
+    path: bytes  # relative to the root
+    stat: Stat
+    blake3: bytes | None
+    racy: bool
+    scheme: int
+    seq: int
+    target: bytes | None = None  # a symlink's target
+    xattrs: str | None = None  # JSON object, names and values os.fsdecode'd

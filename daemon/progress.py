@@ -1,0 +1,65 @@
+"""The scan's progress display on a TTY (rich), and nothing at all elsewhere."""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class ScanProgress:
+    """Implements scan.Progress: a spinner while walking, files/bytes/rate/ETA while hashing."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.bar: Progress | None = None
+        if enabled:
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> ScanProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object | TracebackType | None) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def phase(self, root: bytes, phase: str) -> None:
+        if self.bar is None:
+            return
+        label = f"{phase} {os.fsdecode(root)}"
+        if self.task is None:
+            self.task = self.bar.add_task(label, total=None)
+        else:
+            self.bar.update(self.task, description=label)
+
+    def total(self, files: int, nbytes: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, total=nbytes or None, completed=0)
+
+    def advance(self, files: int, nbytes: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, nbytes)

@@ -1,0 +1,135 @@
+"""What the CLI's read commands show, assembled from the index as plain JSON-ready values."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from daemon.config import Config
+from daemon.index import Index
+from daemon.model import Entry, RootState, join
+
+# The daemon refreshes its row at least this often; an older row is a daemon that died.
+DAEMON_STALE_S = 120.0
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def daemon_info(index: Index) -> dict[str, Any] | None:
+    row = index.daemon_row()
+    if row is None:
+        return None
+    pid, started_at, state, activity, updated_at = row
+    if state == "stopped" or not pid_alive(pid) or time.time() - updated_at > DAEMON_STALE_S:
+        return None
+    return {"pid": pid, "state": state, "started_at": iso(started_at), "activity": activity}
+
+
+def status(index: Index, config: Config) -> dict[str, Any]:
+    active = {s.root_id: s for s in index.active_scans() if pid_alive(s.pid)}
+    roots = []
+    observers = {os.fsencode(r.path): r.observer for r in config.roots}
+    for root in index.roots():
+        files, dirs, nbytes = index.totals(root.id)
+        state = root.state
+        if state is not RootState.OFFLINE and root.id in active:
+            state = RootState.SCANNING
+        scan = active.get(root.id)
+        roots.append(
+            {
+                "path": os.fsdecode(root.path),
+                "state": state.value,
+                "offline_reason": root.offline_reason,
+                "observer": root.observer or observers.get(root.path),
+                "files": files,
+                "dirs": dirs,
+                "bytes": nbytes,
+                "last_full_sync": iso(root.last_full_sync),
+                "pending": root.pending,
+                "errors": [{"path": os.fsdecode(join(root.path, p)), "error": e} for p, e in index.errors(root.id)],
+                "overflows": root.overflows,
+                "scan": None
+                if scan is None
+                else {
+                    "kind": scan.kind,
+                    "step": scan.state,
+                    "files_done": scan.done_files,
+                    "files_queued": scan.queued_files,
+                    "bytes_done": scan.done_bytes,
+                    "bytes_queued": scan.queued_bytes,
+                    "started_at": iso(scan.started_at),
+                },
+            }
+        )
+    c = index.counters()
+    return {
+        "daemon": daemon_info(index),
+        "roots": roots,
+        "counters": {
+            "files_hashed": c["files_hashed"],
+            "bytes_hashed": c["bytes_hashed"],
+            "scans": {k: c[f"scans_{k}"] for k in ("full", "subtree", "folder", "file")},
+            "events": c.get("events", 0),
+            "escalations": c.get("escalations", 0),
+        },
+        "seq": index.last_seq(),
+    }
+
+
+def entry_json(root: bytes, e: Entry) -> dict[str, Any]:
+    s = e.stat
+    return {
+        "path": os.fsdecode(join(root, e.path)),
+        "kind": s.kind.value,
+        "size": s.size,
+        "mtime_ns": s.mtime_ns,
+        "ctime_ns": s.ctime_ns,
+        "inode": s.inode,
+        "dev": s.dev,
+        "mode": s.mode,
+        "uid": s.uid,
+        "gid": s.gid,
+        "nlink": s.nlink,
+        "blake3": e.blake3.hex() if e.blake3 is not None else None,
+        "target": os.fsdecode(e.target) if e.target is not None else None,
+        "xattrs": json.loads(e.xattrs) if e.xattrs else {},
+        "id": e.id,
+        "seq": e.seq,
+    }
+
+
+def listing(index: Index, paths: Sequence[tuple[bytes, bytes]]) -> Iterator[dict[str, Any]]:
+    """Entries under each (root, relative path), in path order."""
+    for root_path, rel in paths:
+        root = index.root(root_path, create=False)
+        if root is None:
+            continue
+        for entry in index.entries_under(root.id, rel):
+            yield entry_json(root_path, entry)
+
+
+def changes(index: Index, since: int) -> Iterator[dict[str, Any]]:
+    for seq, op, kind, root, old_path, path in index.changes_since(since):
+        yield {
+            "seq": seq,
+            "op": op.value,
+            "kind": kind.value,
+            "path": os.fsdecode(join(root, path)),
+            "old_path": os.fsdecode(join(root, old_path)) if old_path is not None else None,
+        }

@@ -1,0 +1,133 @@
+"""Pure decisions of the scan: has it changed, is it racily clean, is the root offline, is it a rename.
+
+No I/O here: every function takes values, so each rule has a table test naming its cases.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from daemon.model import Entry, Kind, Stat
+
+# Filesystem timestamp granularity by type, for the racy-clean rule. FAT keeps mtime in
+# 2 s steps; network filesystems round to whole seconds on some servers; local Linux
+# filesystems stamp from the kernel's coarse clock (one tick, at most 10 ms at HZ=100),
+# so 100 ms is a safe margin there.
+GRANULARITY_NS: dict[str, int] = {"vfat": 2_000_000_000, "msdos": 2_000_000_000, "exfat": 2_000_000_000}
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "sshfs")
+NETWORK_GRANULARITY_NS = 1_000_000_000
+LOCAL_GRANULARITY_NS = 100_000_000
+
+# Bumped when what the index derives from a file's content changes (see PhotoStructure's
+# sync vs rebuild); entries with a lower scheme are re-hashed by the next scan.
+HASH_SCHEME = 1
+
+
+def granularity_ns(fs_type: str) -> int:
+    if fs_type in GRANULARITY_NS:
+        return GRANULARITY_NS[fs_type]
+    if fs_type in NETWORK_FS or fs_type.startswith("fuse"):
+        return NETWORK_GRANULARITY_NS
+    return LOCAL_GRANULARITY_NS
+
+
+class Change(enum.Enum):
+    NONE = "none"  # index matches the disk
+    METADATA = "metadata"  # refresh the row, keep the hash
+    CONTENT = "content"  # re-hash (files) or re-read (symlink target)
+    REPLACED = "replaced"  # another kind of entry now has the name: delete + add
+
+
+def classify(indexed: Entry, now: Stat) -> Change:
+    """Compare an index row with a fresh lstat.
+
+    The content rule follows git and Syncthing: size, mtime_ns or inode differing means
+    the content may differ. ctime alone moves on chmod, chown, xattr edits and hard links,
+    none of which touch content, so it only refreshes metadata (borg's files cache makes
+    the same split). A racily clean row was hashed in the same timestamp tick as its last
+    write, so a matching stat proves nothing and the content is checked again.
+    """
+    old = indexed.stat
+    if old.kind != now.kind:
+        return Change.REPLACED
+    if now.kind is Kind.FILE:
+        if old.size != now.size or old.mtime_ns != now.mtime_ns or old.inode != now.inode:
+            return Change.CONTENT
+        if indexed.racy or indexed.blake3 is None or indexed.scheme < HASH_SCHEME:
+            return Change.CONTENT
+    elif now.kind is Kind.SYMLINK and (old.inode != now.inode or old.mtime_ns != now.mtime_ns):
+        return Change.CONTENT  # a symlink cannot be rewritten in place: a new one has a new target
+    if old != now:
+        return Change.METADATA
+    return Change.NONE
+
+
+def is_racily_clean(mtime_ns: int, scan_started_ns: int, fs_granularity_ns: int) -> bool:
+    """True when a file written in the same tick as the scan's start could change unseen.
+
+    git's Documentation/technical/racy-git.adoc: a file modified within the timestamp
+    granularity of the moment its state was recorded can be modified again without its
+    mtime moving. Such an entry is stored with ``racy`` set and re-hashed on the next pass.
+    """
+    return mtime_ns >= scan_started_ns - fs_granularity_ns
+
+
+def stable_while_hashed(before: Stat, after: Stat) -> bool:
+    """A file whose stat moved while it was read is not stored as hashed."""
+    return (before.size, before.mtime_ns, before.ctime_ns, before.inode) == (
+        after.size,
+        after.mtime_ns,
+        after.ctime_ns,
+        after.inode,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RootProbe:
+    """What the scanner saw of a root's own folder, for the offline decision."""
+
+    exists: bool
+    is_dir: bool
+    dev: int | None
+    empty: bool  # no entries at all (excludes ignored: an unmounted mount point has none)
+
+
+def offline_reason(probe: RootProbe, recorded_dev: int | None, indexed_entries: int) -> str | None:
+    """Why a root must be treated as offline (nothing deleted), or None when it is online.
+
+    A missing, emptied or re-devised root looks exactly like a library whose every file was
+    deleted; Syncthing lost users' data that way (syncthing#762, #799, #4345) before it
+    required a folder marker. Deleting a whole library is never inferred from its absence.
+    """
+    if not probe.exists:
+        return "root folder is missing"
+    if not probe.is_dir:
+        return "root is not a folder"
+    if indexed_entries > 0 and probe.empty:
+        return "root folder is empty but the index is not (unmounted?)"
+    if recorded_dev is not None and probe.dev != recorded_dev:
+        return f"root is on another device than recorded ({probe.dev} instead of {recorded_dev})"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A gone index entry or a new disk entry, as rename matching sees it."""
+
+    dev: int
+    inode: int
+    kind: Kind
+    size: int
+    mtime_ns: int
+
+
+def same_inode(gone: Candidate, new: Candidate) -> bool:
+    """The rename rule's first test: the same inode on the same device, unchanged.
+
+    A rename keeps the inode, size and mtime of a file; for folders and symlinks the
+    inode alone identifies them (a folder's size and mtime move when it gains children).
+    """
+    if (gone.dev, gone.inode, gone.kind) != (new.dev, new.inode, new.kind):
+        return False
+    return gone.kind is not Kind.FILE or (gone.size, gone.mtime_ns) == (new.size, new.mtime_ns)

@@ -1,0 +1,362 @@
+"""One scan of one root: the three steps (walk, hash, deletions) over a set of scopes; resume.
+
+The index itself is the scan's progress record: every batch commits its rows together with
+the queue rows it consumed, so a scan interrupted at any point (SIGTERM, kill -9, power cut)
+is resumed by scanning again — what was committed now matches the disk and is not queued,
+so nothing committed is hashed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from daemon import fs
+from daemon.config import RootConfig, SyncConfig
+from daemon.hasher import Hashed, Unstable, hash_file
+from daemon.index import Batch, Index, QueueRow, RootRow, Write
+from daemon.model import Kind, Op, RootState, ScanKind, ScanScope, join
+from daemon.rules import HASH_SCHEME, RootProbe, granularity_ns, is_racily_clean, offline_reason
+from daemon.walk import Excluder, WalkState, walk_scope
+
+# Commit at least this often while hashing, so progress and resume points stay fresh.
+COMMIT_EVERY_S = 2.0
+# How many queued entries may be in flight (hashing or waiting to commit) at once.
+HASH_WINDOW = 256
+
+
+class Progress(Protocol):
+    def phase(self, root: bytes, phase: str) -> None: ...
+    def total(self, files: int, nbytes: int) -> None: ...
+    def advance(self, files: int, nbytes: int) -> None: ...
+
+
+class NoProgress:
+    def phase(self, root: bytes, phase: str) -> None:
+        pass
+
+    def total(self, files: int, nbytes: int) -> None:
+        pass
+
+    def advance(self, files: int, nbytes: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class ScanReport:
+    root: bytes
+    kind: ScanKind
+    offline: str | None = None
+    came_online: bool = False
+    device_moved: bool = False
+    busy_pid: int | None = None  # another live process is scanning this root
+    ops: dict[Op, int] = field(default_factory=lambda: dict.fromkeys(Op, 0))
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    walked: int = 0
+    errors: dict[bytes, str] = field(default_factory=dict)  # errors not seen by the previous scan
+    error_count: int = 0
+    unstable: list[bytes] = field(default_factory=list)  # changed while hashed: scan again later
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """The index now matches the disk for the scanned scopes."""
+        return not (self.offline or self.busy_pid or self.error_count or self.unstable or self.interrupted)
+
+
+def scan_kind(scopes: Sequence[ScanScope], is_dir: Callable[[bytes], bool]) -> ScanKind:
+    """A scan counts as its widest scope."""
+    if any(s.recursive and not s.subtree for s in scopes):
+        return ScanKind.FULL
+    if any(s.recursive for s in scopes):
+        return ScanKind.SUBTREE
+    if any(not s.subtree or is_dir(s.subtree) for s in scopes):
+        return ScanKind.FOLDER
+    return ScanKind.FILE
+
+
+def probe_root(path: bytes) -> RootProbe:
+    try:
+        st = os.stat(path)  # the root itself may be a symlink the admin chose; nothing below is followed
+    except (FileNotFoundError, NotADirectoryError):
+        return RootProbe(exists=False, is_dir=False, dev=None, empty=True)
+    except OSError:
+        return RootProbe(exists=True, is_dir=False, dev=None, empty=True)
+    if not os.path.isdir(path):
+        return RootProbe(exists=True, is_dir=False, dev=st.st_dev, empty=True)
+    try:
+        empty = fs.is_empty_dir(path)
+    except OSError:
+        empty = True
+    return RootProbe(exists=True, is_dir=True, dev=st.st_dev, empty=empty)
+
+
+def check_online(index: Index, root: RootRow) -> tuple[str | None, bool]:
+    """(offline reason or None, whether the root came back on a new device number).
+
+    NFS, btrfs and tmpfs hand out anonymous device numbers that can change across a
+    remount; when the root's top-level entries still carry the recorded inode numbers,
+    it is the same filesystem and the new number is adopted instead of staying offline.
+    """
+    probe = probe_root(root.path)
+    reason = offline_reason(probe, root.dev, index.entry_count(root.id))
+    if reason is None or not probe.exists or not probe.is_dir or probe.empty or probe.dev is None:
+        return reason, False
+    samples = index.sample_inodes(root.id)
+    same = 0
+    for rel, inode in samples:
+        try:
+            same += os.lstat(join(root.path, rel)).st_ino == inode
+        except OSError:
+            pass
+    if samples and same * 2 > len(samples):
+        index.move_root_dev(root.id, probe.dev)
+        return None, True
+    return reason, False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Stepper:
+    """Step 2 for one scan: turns queue rows into writes, hashing files in worker threads."""
+
+    def __init__(self, index: Index, root: RootRow, scan_id: int, sync: SyncConfig, report: ScanReport,
+                 progress: Progress, pool: ThreadPoolExecutor, stop: threading.Event) -> None:  # fmt: skip
+        self.index, self.root, self.scan_id, self.sync = index, root, scan_id, sync
+        self.report, self.progress, self.pool, self.stop = report, progress, pool, stop
+        self.granularity = granularity_ns(fs.fs_type(root.path))
+        self.batch = Batch(root.id, scan_id)
+        self.last_commit = time.monotonic()
+        self.hash_matched: set[int] = set()
+        self.rename_sources: set[int] = set()
+
+    def commit(self) -> None:
+        if len(self.batch) or self.batch.counters or self.batch.errors:
+            self.index.commit(self.batch)
+        self.batch = Batch(self.root.id, self.scan_id)
+        self.last_commit = time.monotonic()
+
+    def run(self) -> None:
+        window: deque[tuple[QueueRow, Future[Hashed] | None]] = deque()
+        for row in self.index.queued(self.scan_id):
+            if row.renamed_from is not None:
+                self.rename_sources.add(row.renamed_from)
+        for row in self.index.queued(self.scan_id):
+            if self.stop.is_set():
+                break
+            future = None
+            if row.stat.kind is Kind.FILE and row.reason != "metadata" and row.renamed_from is None:
+                future = self.pool.submit(hash_file, join(self.root.path, row.path), row.stat)
+            window.append((row, future))
+            while window and (len(window) > HASH_WINDOW or window[0][1] is None or window[0][1].done()):
+                self._finish(*window.popleft())
+        while window:
+            queued_row, future = window.popleft()
+            if self.stop.is_set() and future is not None:
+                future.cancel()
+                continue
+            self._finish(queued_row, future)
+        self.commit()
+        if self.stop.is_set():
+            self.report.interrupted = True
+
+    def _occupant(self, row: QueueRow, write: Write) -> None:
+        """Who holds the path now: an entry moving elsewhere is parked, anything else evicted."""
+        if row.entry_id is None or row.entry_id == write.entry_id:
+            return
+        if row.entry_id in self.rename_sources:
+            write.park_id = row.entry_id
+        else:
+            write.evict_id = row.entry_id
+
+    def _finish(self, row: QueueRow, future: Future[Hashed] | None) -> None:
+        abs_path = join(self.root.path, row.path)
+        write = self._write_for(row, abs_path, future)
+        self.batch.queue_done.append(row.path)
+        if write is not None:
+            self._occupant(row, write)
+            self.batch.writes.append(write)
+            self.batch.errors_cleared.append(row.path)
+            self.report.ops[write.op] += 1
+        if len(self.batch) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
+            self.commit()
+
+    def _write_for(self, row: QueueRow, abs_path: bytes, future: Future[Hashed] | None) -> Write | None:
+        st = row.stat
+        try:
+            if row.renamed_from is not None:
+                old_path = self._path_of(row.renamed_from)
+                return Write(Op.RENAMED, row.path, st, row.renamed_from, row.parent_id, keep_hash=True,
+                             target=self._target(abs_path, st.kind), xattrs=fs.read_xattrs(abs_path),
+                             old_path=old_path)  # fmt: skip
+            if future is None:
+                target = self._target(abs_path, st.kind)
+                xattrs = fs.read_xattrs(abs_path) if st.kind in (Kind.FILE, Kind.DIR) else None
+                if row.reason == "metadata":
+                    return Write(Op.METADATA, row.path, st, row.entry_id, row.parent_id, keep_hash=True,
+                                 target=target, xattrs=xattrs)  # fmt: skip
+                if row.reason == "content":  # a symlink pointing elsewhere
+                    return Write(Op.MODIFIED, row.path, st, row.entry_id, row.parent_id, target=target, xattrs=xattrs)
+                return Write(Op.ADDED, row.path, st, None, row.parent_id, target=target, xattrs=xattrs)
+            return self._hashed_write(row, future)
+        except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
+            # It changed between the walk and now: not stored as hashed, looked at again later.
+            self.report.unstable.append(row.path)
+            return None
+        except OSError as e:
+            self.batch.errors[row.path] = f"{os.strerror(e.errno or 0) if e.errno else e}"
+            self.report.error_count += 1
+            if row.reason == "metadata" or row.stat.kind is not Kind.FILE:
+                return None
+            # The file is there but unreadable: index it without a hash rather than pretend.
+            op = Op.ADDED if row.reason in ("new", "replaced") else Op.MODIFIED
+            entry_id = None if op is Op.ADDED else row.entry_id
+            return Write(op, row.path, st, entry_id, row.parent_id, blake3=None)
+
+    def _path_of(self, entry_id: int) -> bytes:
+        row = self.index.db.execute("SELECT path FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        path: bytes = row[0]
+        return path[1:] if path.startswith(b"\x00") else path
+
+    @staticmethod
+    def _target(abs_path: bytes, kind: Kind) -> bytes | None:
+        return fs.read_link(abs_path) if kind is Kind.SYMLINK else None
+
+    def _hashed_write(self, row: QueueRow, future: Future[Hashed]) -> Write:
+        result = future.result()
+        st = result.stat
+        self.report.files_hashed += 1
+        self.report.bytes_hashed += st.size
+        self.batch.counters["files_hashed"] = self.batch.counters.get("files_hashed", 0) + 1
+        self.batch.counters["bytes_hashed"] = self.batch.counters.get("bytes_hashed", 0) + st.size
+        self.batch.done_files += 1
+        self.batch.done_bytes += st.size
+        self.progress.advance(1, st.size)
+        racy = is_racily_clean(st.mtime_ns, result.read_started_ns, self.granularity)
+        common = {"blake3": result.digest, "racy": racy, "scheme": HASH_SCHEME, "xattrs": result.xattrs}
+        if row.reason == "content" and row.entry_id is not None:
+            old = self.index.db.execute("SELECT blake3 FROM entries WHERE id = ?", (row.entry_id,)).fetchone()
+            op = Op.METADATA if old is not None and old[0] == result.digest else Op.MODIFIED
+            return Write(op, row.path, st, row.entry_id, row.parent_id, **common)  # type: ignore[arg-type]
+        # New here: the last resort of rename matching is a gone file with the same content.
+        match = self.index.gone_with_hash(self.scan_id, result.digest, st.size, self.hash_matched)
+        if match is not None:
+            self.hash_matched.add(match[0])
+            return Write(Op.RENAMED, row.path, st, match[0], row.parent_id, old_path=match[1], **common)  # type: ignore[arg-type]
+        return Write(Op.ADDED, row.path, st, None, row.parent_id, **common)  # type: ignore[arg-type]
+
+
+def _delete_gone(index: Index, root: RootRow, scan_id: int, sync: SyncConfig, report: ScanReport) -> None:
+    """Step 3: delete what the walk did not find, re-checking before each batch that the root
+    is still online — a disk unmounted mid-scan deletes nothing (Syncthing checks its folder
+    marker at the same two points)."""
+    while True:
+        chunk = index.gone(scan_id, sync.batch_size)
+        if not chunk:
+            return
+        reason, _ = check_online(index, root)
+        if reason is not None:
+            report.offline = reason
+            index.set_root(root.id, state=RootState.OFFLINE.value, offline_reason=reason)
+            return
+        index.commit(Batch(root.id, scan_id, deletes=chunk))
+        report.ops[Op.DELETED] += len(chunk)
+
+
+def scan(
+    index: Index,
+    root_config: RootConfig,
+    scopes: Sequence[ScanScope],
+    sync: SyncConfig,
+    *,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> ScanReport:
+    """Bring the index in line with the disk for ``scopes`` of one root."""
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    stop = stop or threading.Event()
+    root_path = os.fsencode(root_config.path)
+    root = index.root(root_path)
+    assert root is not None
+    kind = scan_kind(scopes, lambda rel: (e := index.entry(root.id, rel)) is not None and e.stat.kind is Kind.DIR)
+    report = ScanReport(root_path, kind)
+
+    for active in index.active_scans():
+        if active.root_id == root.id and active.pid != os.getpid() and _pid_alive(active.pid):
+            report.busy_pid = active.pid
+            return report
+
+    reason, report.device_moved = check_online(index, root)
+    if reason is not None:
+        report.offline = reason
+        index.set_root(root.id, state=RootState.OFFLINE.value, offline_reason=reason)
+        return report
+    report.came_online = root.state is RootState.OFFLINE
+    probe_dev = os.stat(root_path).st_dev
+    index.set_root(root.id, state=RootState.ONLINE.value, offline_reason=None, dev=probe_dev)
+    root = index.root(root_path)
+    assert root is not None
+
+    scopes_json = json.dumps([[os.fsdecode(s.subtree), s.recursive] for s in scopes])
+    scan_id = index.begin_scan(root.id, kind.value, scopes_json)
+    previous_errors = {p for p, _ in index.errors(root.id, limit=1_000_000)}
+    for scope in scopes:
+        index.clear_errors_under(root.id, scope.subtree)
+
+    progress.phase(root_path, "walking")
+    walk = WalkState(index, scan_id, root.id, sync.batch_size)
+    excluded = Excluder(root_config.exclude)
+    for scope in scopes:
+        walk_scope(walk, root_path, scope, excluded, stop.is_set)
+    walk.flush()
+    report.walked = walk.seen
+    if walk.errors:
+        index.commit(Batch(root.id, scan_id, errors=walk.errors))
+        report.error_count += len(walk.errors)
+    if stop.is_set():
+        report.interrupted = True
+        return report
+
+    index.match_renames_by_inode(scan_id)
+    files, nbytes = index.queue_totals(scan_id)
+    index.set_scan(scan_id, state="hashing", queued_files=files, queued_bytes=nbytes)
+    progress.phase(root_path, "hashing")
+    progress.total(files, nbytes)
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
+    try:
+        stepper = _Stepper(index, root, scan_id, sync, report, progress, pool, stop)
+        stepper.run()
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if report.interrupted:
+        return report
+
+    progress.phase(root_path, "deleting")
+    index.set_scan(scan_id, state="deleting")
+    _delete_gone(index, root, scan_id, sync, report)
+    if report.offline is None:
+        index.finish_scan(scan_id, root.id, full=kind is ScanKind.FULL, counter=f"scans_{kind.value}")
+    report.errors = {p: e for p, e in index.errors(root.id, limit=1_000_000) if p not in previous_errors}
+    report.seconds = time.monotonic() - started
+    return report

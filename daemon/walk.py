@@ -1,0 +1,163 @@
+"""Step 1 of a scan: walk the scope on disk, compare each entry with the index, queue what differs.
+
+Memory holds one folder's listing and its index rows at a time, plus the folders still to
+visit; what differs goes to the scan's queue table in the database, not into a list.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from daemon import fs
+from daemon.index import Index, QueueRow
+from daemon.model import Entry, Kind, ScanScope, Stat, join, name_of, parent_of
+from daemon.rules import Change, classify
+
+
+class Excluder:
+    """`exclude` globs, matched against an entry's name and its root-relative path."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.regexes = [re.compile(os.fsencode(fnmatch.translate(p))) for p in patterns]
+
+    def __call__(self, rel: bytes) -> bool:
+        name = name_of(rel)
+        return any(r.match(name) or r.match(rel) for r in self.regexes)
+
+    def any_component(self, rel: bytes) -> bool:
+        parts = rel.split(b"/")
+        return any(self(b"/".join(parts[: i + 1])) for i in range(len(parts)))
+
+
+@dataclass(slots=True)
+class WalkState:
+    """What one walk found, flushed to the index in chunks."""
+
+    index: Index
+    scan_id: int
+    root_id: int
+    flush_every: int
+    queued: list[QueueRow] = field(default_factory=list)
+    gone: list[bytes] = field(default_factory=list)
+    errors: dict[bytes, str] = field(default_factory=dict)
+    seen: int = 0
+
+    def queue(self, row: QueueRow) -> None:
+        self.queued.append(row)
+        if len(self.queued) >= self.flush_every:
+            self.flush()
+
+    def mark_gone(self, rel: bytes) -> None:
+        self.gone.append(rel)
+        if len(self.gone) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.queued:
+            self.index.queue(self.scan_id, self.queued)
+            self.queued = []
+        if self.gone:
+            self.index.mark_gone(self.scan_id, self.root_id, self.gone)
+            self.gone = []
+
+
+def _reason(entry: Entry | None, st: Stat) -> tuple[str | None, bool]:
+    """(queue reason or None, whether the old row and what was below it are gone)."""
+    if entry is None:
+        return "new", False
+    change = classify(entry, st)
+    if change is Change.NONE:
+        return None, False
+    if change is Change.REPLACED:
+        return "replaced", True
+    return ("content" if change is Change.CONTENT else "metadata"), False
+
+
+def _error_text(e: OSError) -> str:
+    return f"{errno.errorcode.get(e.errno or 0, 'error')}: {e.strerror or e}"
+
+
+def walk_scope(
+    state: WalkState,
+    root_path: bytes,
+    scope: ScanScope,
+    excluded: Excluder,
+    stopping: Callable[[], bool],
+) -> None:
+    """Walk one scope, queueing new and changed entries and marking vanished ones gone."""
+    index, root_id = state.index, state.root_id
+    rel = scope.subtree
+    if rel:
+        # An event below a folder the index does not know yet (its own creation event may
+        # still be pending): walk from the highest unknown ancestor, so parents come first.
+        parent = parent_of(rel)
+        while parent and index.id_of(root_id, parent) is None:
+            rel, parent = parent, parent_of(parent)
+            scope = ScanScope(scope.root, rel, True)
+        if excluded.any_component(rel):
+            return
+        entry = index.entry(root_id, rel)
+        try:
+            st = fs.lstat(join(root_path, rel))
+        except (FileNotFoundError, NotADirectoryError):
+            if entry is not None:
+                state.mark_gone(rel)
+            return
+        except OSError as e:
+            state.errors[rel] = _error_text(e)
+            return
+        state.seen += 1
+        reason, old_gone = _reason(entry, st)
+        if old_gone:
+            state.mark_gone(rel)
+        if reason is not None:
+            parent_id = index.id_of(root_id, parent) if parent else 0
+            state.queue(QueueRow(rel, reason, entry.id if entry else None, parent_id, st, None))
+        if st.kind is not Kind.DIR:
+            return
+        known = entry is not None and not old_gone
+        stack = [(rel, entry.id if known and entry else None, st, scope.recursive or not known)]
+    else:
+        stack = [(b"", 0, None, scope.recursive)]
+
+    while stack:
+        if stopping():
+            return
+        dir_rel, dir_id, dir_stat, recursive = stack.pop()
+        dir_abs = join(root_path, dir_rel)
+        try:
+            listing = fs.list_dir(dir_abs, dir_stat)
+        except (FileNotFoundError, NotADirectoryError, fs.Moved):
+            # It went away (or was swapped) after its parent was listed: the next scan of the
+            # parent sees what is there now; nothing below it is deleted on this evidence.
+            state.errors[dir_rel] = "changed while being walked"
+            continue
+        except OSError as e:
+            # Unreadable is not empty: what the index holds below it stays.
+            state.errors[dir_rel] = _error_text(e)
+            continue
+        indexed = index.children(root_id, dir_id) if dir_id is not None else {}
+        for name, st in sorted(listing.children):
+            child = dir_rel + b"/" + name if dir_rel else name
+            if excluded(child):
+                continue
+            state.seen += 1
+            entry = indexed.pop(child, None)
+            reason, old_gone = _reason(entry, st)
+            if old_gone:
+                state.mark_gone(child)
+            if reason is not None:
+                state.queue(QueueRow(child, reason, entry.id if entry else None, dir_id, st, None))
+            if st.kind is Kind.DIR:
+                known = entry is not None and not old_gone
+                if not known:
+                    stack.append((child, None, st, True))  # new: walk it whole
+                elif recursive:
+                    stack.append((child, entry.id if entry else None, st, True))
+        for child in indexed:
+            state.mark_gone(child)
