@@ -40,7 +40,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     p = Parser(prog="treewatch", description="Keep a library index (SQLite) true to a directory tree.")
-    p.add_argument("--config", type=Path, help="configuration file (default: $TREEWATCH_CONFIG, /etc/treewatch/config.toml)")
+    p.add_argument(
+        "--config", type=Path, help="configuration file (default: $TREEWATCH_CONFIG, /etc/treewatch/config.toml)"
+    )
     p.add_argument("--db", type=Path, help="index database (overrides `database` in the configuration)")
     p.add_argument("--version", action="version", version=f"treewatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -145,19 +147,19 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 report.errors.update(again.errors)
             reports.append(report)
     for r in reports:
-        root = os.fsdecode(r.root)
+        where = os.fsdecode(r.root)
         if r.busy_pid:
-            log.error("root is being scanned by another process", root=root, pid=r.busy_pid)
+            log.error("root is being scanned by another process", root=where, pid=r.busy_pid)
         if r.offline:
-            log.error("root is offline: nothing was deleted", root=root, reason=r.offline)
+            log.error("root is offline: nothing was deleted", root=where, reason=r.offline)
         if r.device_moved:
-            log.warning("root came back with a new device number; same filesystem, adopted", root=root)
+            log.warning("root came back with a new device number; same filesystem, adopted", root=where)
         for path, error in sorted(r.errors.items())[:20]:
             log.warning("cannot index", path=os.fsdecode(r.root + b"/" + path), error=error)
         if len(r.errors) > 20:
-            log.warning("more entries could not be indexed", root=root, count=len(r.errors) - 20)
+            log.warning("more entries could not be indexed", root=where, count=len(r.errors) - 20)
         if r.unstable:
-            log.warning("files kept changing while hashed", root=root, count=len(r.unstable))
+            log.warning("files kept changing while hashed", root=where, count=len(r.unstable))
     print(f"treewatch: {summary(reports, time.monotonic() - started)}")
     return EXIT_OK if all(r.clean for r in reports) else EXIT_FAILURE
 
@@ -229,8 +231,8 @@ def cmd_changes(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
-    roots = ", ".join(str(r.path) for r in config.roots) or "none"
-    print(f"{config.source}: ok; database {config.database}; roots: {roots}")
+    roots = ", ".join(str(r.path) for r in config.roots)
+    print(f"{config.source}: ok; database {config.database}; roots: {roots or 'none'}")
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import blake3
+
 from daemon import fs
 from daemon.model import Stat
 from daemon.rules import stable_while_hashed

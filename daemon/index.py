@@ -348,7 +348,9 @@ class Index:
         for row in self.db.execute(sql, {"r": root_id, **_bounds(path)}):
             yield _entry(row)
 
-    def changes_since(self, seq: int, limit: int = 10_000) -> Iterator[tuple[int, Op, Kind, bytes, bytes | None, bytes]]:
+    def changes_since(
+        self, seq: int, limit: int = 10_000
+    ) -> Iterator[tuple[int, Op, Kind, bytes, bytes | None, bytes]]:
         """The feed after ``seq``: (seq, op, kind, root path, old path, path), read in pages."""
         while True:
             rows = self.db.execute(
@@ -392,7 +394,8 @@ class Index:
 
     def _add_counters(self, counters: dict[str, int]) -> None:
         self.db.executemany(
-            "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            "INSERT INTO counters(name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
             [(k, v) for k, v in counters.items() if v],
         )
 
@@ -429,15 +432,16 @@ class Index:
             else:
                 self.db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
                 self.db.execute(
-                    "INSERT INTO changes(entry_id, root_id, op, kind, path, old_path, at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                    "INSERT INTO changes(entry_id, root_id, op, kind, path, old_path, at)"
+                    " VALUES (?, ?, ?, ?, ?, NULL, ?)",
                     (entry_id, root_id, Op.DELETED.value, kind, path[1:], time.time()),
                 )
 
     def interrupted_scan(self, root_id: int) -> tuple[str, str, int, int] | None:
         """(kind, scopes, files done, files queued) of a scan that did not finish."""
         row = self.db.execute(
-            "SELECT kind, scopes, done_files, queued_files FROM scans WHERE root_id = ? AND state NOT IN ('done', 'replaced')"
-            " ORDER BY id DESC LIMIT 1",
+            "SELECT kind, scopes, done_files, queued_files FROM scans"
+            " WHERE root_id = ? AND state NOT IN ('done', 'replaced') ORDER BY id DESC LIMIT 1",
             (root_id,),
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2], row[3])
@@ -488,7 +492,8 @@ class Index:
         with self.transaction():
             for path in paths:
                 self.db.execute(
-                    f"INSERT OR IGNORE INTO scan_gone SELECT :s, id FROM entries WHERE root_id = :r AND {_under('path')}",
+                    "INSERT OR IGNORE INTO scan_gone SELECT :s, id FROM entries"
+                    f" WHERE root_id = :r AND {_under('path')}",
                     {"s": scan_id, "r": root_id, **_bounds(path)},
                 )
 
@@ -518,7 +523,8 @@ class Index:
                 [(old_id, scan_id, new_path) for new_path, old_id, _ in pairs],
             )
             self.db.executemany(
-                "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", [(scan_id, old_id) for _, old_id, _ in pairs]
+                "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?",
+                [(scan_id, old_id) for _, old_id, _ in pairs],
             )
         return pairs
 
@@ -588,7 +594,9 @@ class Index:
                 seq += 1
                 self.db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
                 if batch.scan_id is not None:
-                    self.db.execute("DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, entry_id))
+                    self.db.execute(
+                        "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, entry_id)
+                    )
                 feed.append((seq, entry_id, batch.root_id, Op.DELETED.value, kind.value, path, None, now))
 
             for w in batch.writes:
@@ -604,15 +612,30 @@ class Index:
                     # park it under a name no kernel allows, until its own rename comes.
                     self.db.execute("UPDATE entries SET path = x'00' || path WHERE id = ?", (w.park_id,))
                 if w.op is Op.RENAMED and batch.scan_id is not None:
-                    self.db.execute("DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, w.entry_id))
+                    self.db.execute(
+                        "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, w.entry_id)
+                    )
                 parent_id = w.parent_id
                 if parent_id is None:
                     parent_path = parent_of(w.path)
-                    parent_id = 0 if not parent_path else new_ids.get(parent_path) or self.id_of(batch.root_id, parent_path)
+                    parent_id = (
+                        0 if not parent_path else new_ids.get(parent_path) or self.id_of(batch.root_id, parent_path)
+                    )
                     if parent_id is None:
                         raise IndexError_(f"{self.path}: parent of {w.path!r} is not indexed")
                 s = w.stat
-                stat_values = (s.kind.value, s.size, s.mtime_ns, s.ctime_ns, s.inode, s.dev, s.mode, s.uid, s.gid, s.nlink)
+                stat_values = (
+                    s.kind.value,
+                    s.size,
+                    s.mtime_ns,
+                    s.ctime_ns,
+                    s.inode,
+                    s.dev,
+                    s.mode,
+                    s.uid,
+                    s.gid,
+                    s.nlink,
+                )
                 if w.entry_id is None:
                     entry_id = next_id
                     next_id += 1
@@ -666,7 +689,9 @@ class Index:
     def clear_errors_under(self, root_id: int, path: bytes) -> None:
         with self.transaction():
             if path:
-                self.db.execute(f"DELETE FROM errors WHERE root_id = :r AND {_under('path')}", {"r": root_id, **_bounds(path)})
+                self.db.execute(
+                    f"DELETE FROM errors WHERE root_id = :r AND {_under('path')}", {"r": root_id, **_bounds(path)}
+                )
             else:
                 self.db.execute("DELETE FROM errors WHERE root_id = ?", (root_id,))
 
@@ -675,7 +700,8 @@ class Index:
     def set_daemon(self, pid: int, started_at: float, state: str, activity: str) -> None:
         with self.transaction():
             self.db.execute(
-                "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)", (pid, started_at, state, activity, time.time())
+                "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)",
+                (pid, started_at, state, activity, time.time()),
             )
 
     def daemon_row(self) -> tuple[int, float, str, str, float] | None:

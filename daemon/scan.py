@@ -8,6 +8,7 @@ so nothing committed is hashed twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -114,10 +115,8 @@ def check_online(index: Index, root: RootRow) -> tuple[str | None, bool]:
     samples = index.sample_inodes(root.id)
     same = 0
     for rel, inode in samples:
-        try:
+        with contextlib.suppress(OSError):
             same += os.lstat(join(root.path, rel)).st_ino == inode
-        except OSError:
-            pass
     if samples and same * 2 > len(samples):
         index.move_root_dev(root.id, probe.dev)
         return None, True
@@ -297,7 +296,8 @@ def scan(
     root_path = os.fsencode(root_config.path)
     root = index.root(root_path)
     assert root is not None
-    kind = scan_kind(scopes, lambda rel: (e := index.entry(root.id, rel)) is not None and e.stat.kind is Kind.DIR)
+    root_id = root.id
+    kind = scan_kind(scopes, lambda rel: (e := index.entry(root_id, rel)) is not None and e.stat.kind is Kind.DIR)
     report = ScanReport(root_path, kind)
 
     for active in index.active_scans():

@@ -121,7 +121,9 @@ def walk_scope(
         if st.kind is not Kind.DIR:
             return
         known = entry is not None and not old_gone
-        stack = [(rel, entry.id if known and entry else None, st, scope.recursive or not known)]
+        stack: list[tuple[bytes, int | None, Stat | None, bool]] = [
+            (rel, entry.id if known and entry else None, st, scope.recursive or not known)
+        ]
     else:
         stack = [(b"", 0, None, scope.recursive)]
 

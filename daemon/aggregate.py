@@ -1,0 +1,220 @@
+"""Pure event aggregation: a tree of pending paths -> the fewest ScanScopes once they are due.
+
+No I/O and no clock: the caller passes ``now`` (monotonic seconds) to every call, so each rule is
+tested with a fake clock. Modelled on Syncthing's lib/watchaggregator; see docs/aggregation.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from daemon.config import WatchConfig
+from daemon.model import ScanScope, is_within, parent_of
+
+# Deletions wait longer than other changes so that, when a file is renamed and the watcher reports
+# it as a delete plus a create, the create is seen in the same round and the scanner can keep the
+# entry's identity. Syncthing releases removes last for the same reason (watchaggregator isOld:
+# "Deletes should in general be scanned last, therefore they are delayed").
+DELETE_HOLD_FACTOR = 1.5
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What is pending at one path: merged times of every event it holds."""
+
+    first: float  # earliest event absorbed: bounds the wait by max_delay_s
+    last: float  # latest event absorbed: the quiet window starts here
+    recursive: bool
+    deleted: bool  # every event it holds was a deletion: held longer, emitted last
+    at_once: bool = False  # a requested full sync: due immediately
+
+
+class Aggregator:
+    """Pending events of one root, debounced and escalated as they arrive."""
+
+    def __init__(self, root: bytes, config: WatchConfig) -> None:
+        self.root = root
+        self._cfg = config
+        self._events: dict[bytes, _Pending] = {}
+        # Folder -> its children that are pending or have something pending below them. Nothing is
+        # ever pending below a recursive pending path: it absorbs what arrives there.
+        self._kids: dict[bytes, set[bytes]] = {}
+        # The two ends of a move inside the root, by the pending path that holds each end: both
+        # must reach the scanner in the same round.
+        self._links: dict[bytes, set[bytes]] = {}
+        self.escalations = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._events)
+
+    def add(self, rel: bytes, now: float, *, is_dir: bool = False, deleted: bool = False) -> None:
+        self._add(rel, now, recursive=is_dir, deleted=deleted)
+
+    def add_move(self, src: bytes | None, dest: bytes | None, now: float, *, is_dir: bool) -> None:
+        # A moved folder is recursive at both ends: everything indexed below src is gone or moved.
+        if src is not None:
+            self._add(src, now, recursive=is_dir, deleted=True)
+        if dest is not None:
+            self._add(dest, now, recursive=is_dir, deleted=False)
+        if src is not None and dest is not None:
+            # Holders are looked up after both adds: adding dest may have escalated src's folder.
+            a, b = self._holder(src), self._holder(dest)
+            if a != b:
+                self._links.setdefault(a, set()).add(b)
+                self._links.setdefault(b, set()).add(a)
+
+    def rescan_root(self, now: float) -> None:
+        self._collapse(b"")
+        ev = self._events[b""]
+        ev.first, ev.last = min(ev.first, now), max(ev.last, now)
+        ev.deleted, ev.at_once = False, True
+
+    def next_due(self) -> float | None:
+        return min((self._due_at(ev) for ev in self._events.values()), default=None)
+
+    def due(self, now: float) -> list[ScanScope]:
+        chosen = {p for p, ev in self._events.items() if now >= self._due_at(ev)}
+        if not chosen:
+            return []
+        # A rename reported as delete + create: the delete rides along once it is quiet.
+        chosen |= {p for p, ev in self._events.items() if ev.deleted and now - ev.last >= self._cfg.debounce_s}
+        frontier = list(chosen)
+        while frontier:
+            for q in self._pulled_by(frontier.pop()):
+                if q not in chosen:
+                    chosen.add(q)
+                    frontier.append(q)
+        emitted: dict[bytes, ScanScope] = {}
+        # Shallowest first: a folder scope covers its children but not its grandchildren, so a
+        # child is dropped only when its parent is itself emitted.
+        for p in sorted(chosen, key=lambda p: p.count(b"/") + bool(p)):
+            scope = self._scope(p)
+            parent = emitted.get(parent_of(p)) if p else None
+            if parent is None or not parent.covers(scope):
+                emitted[p] = scope
+        # Deletions last, as Syncthing dispatches removes after other changes.
+        order = sorted(emitted, key=lambda p: (self._events[p].deleted, p))
+        out = [emitted[p] for p in order]
+        for p in chosen:
+            del self._events[p]
+            self._links.pop(p, None)  # its partners are in `chosen` too
+        for p in chosen:
+            self._prune(p)
+        return out
+
+    def _due_at(self, ev: _Pending) -> float:
+        if ev.at_once:
+            return ev.first
+        hold = self._cfg.debounce_s * (DELETE_HOLD_FACTOR if ev.deleted else 1.0)
+        return min(ev.last + hold, ev.first + self._cfg.max_delay_s)
+
+    def _scope(self, rel: bytes) -> ScanScope:
+        return ScanScope(self.root, rel, self._events[rel].recursive)
+
+    def _pulled_by(self, rel: bytes) -> Iterator[bytes]:
+        """Pending paths that must go out in the same round as ``rel``."""
+        yield from self._links.get(rel, ())
+        if self._events[rel].recursive:
+            return  # nothing is pending below it, and only a recursive scope could cover it
+        if rel and parent_of(rel) in self._events:
+            # A pending folder scope covers this path: scan the folder now instead of twice.
+            yield parent_of(rel)
+        for kid in self._kids.get(rel, ()):
+            ev = self._events.get(kid)
+            if ev is not None and not ev.recursive:
+                yield kid
+
+    def _holder(self, rel: bytes) -> bytes:
+        """The pending path that holds an event for ``rel``: its recursive ancestor, or itself."""
+        ancestor = self._recursive_ancestor(rel)
+        return rel if ancestor is None else ancestor  # not `or`: the root is b""
+
+    def _recursive_ancestor(self, rel: bytes) -> bytes | None:
+        prefixes = [b""] + [rel[:i] for i, c in enumerate(rel) if c == ord("/")] + ([rel] if rel else [])
+        for prefix in prefixes:
+            ev = self._events.get(prefix)
+            if ev is not None and ev.recursive:
+                return prefix
+        return None
+
+    def _add(self, rel: bytes, now: float, *, recursive: bool, deleted: bool) -> None:
+        holder = self._recursive_ancestor(rel)
+        if holder is not None:
+            # Absorbed, counted once; it still pushes the quiet time of what absorbed it.
+            held = self._events[holder]
+            held.last = max(held.last, now)
+            held.deleted = held.deleted and deleted
+            return
+        ev = self._events.get(rel)
+        grown: list[bytes] = []
+        if ev is None:
+            self._events[rel] = _Pending(now, now, recursive, deleted)
+            grown = self._register(rel)
+        else:
+            ev.last = max(ev.last, now)
+            ev.deleted = deleted  # the path's latest state decides: deleted, or there again
+            ev.recursive = recursive
+        if recursive and rel in self._kids:
+            self._collapse(rel)
+        for folder in grown:  # deepest first, so a burst escalates the smallest folder first
+            # The root is exempt, as in Syncthing: its escalation is a full sync, left to max_pending.
+            if folder and len(self._kids.get(folder, ())) > self._cfg.max_paths_per_dir:
+                self._collapse(folder)
+                self.escalations += 1
+        if len(self._events) > self._cfg.max_pending:
+            self._collapse(b"")
+            self.escalations += 1
+
+    def _register(self, rel: bytes) -> list[bytes]:
+        """Records ``rel`` in its ancestors' child sets; returns the folders that gained a child."""
+        grown: list[bytes] = []
+        child = rel
+        while child:
+            parent = parent_of(child)
+            kids = self._kids.setdefault(parent, set())
+            if child in kids:
+                break
+            kids.add(child)
+            grown.append(parent)
+            child = parent
+        return grown
+
+    def _prune(self, rel: bytes) -> None:
+        """Unregisters ``rel`` and then its ancestors while nothing is pending at or below them."""
+        while rel and rel not in self._events and rel not in self._kids:
+            parent = parent_of(rel)
+            siblings = self._kids.get(parent)
+            if siblings is not None:
+                siblings.discard(rel)
+                if not siblings:
+                    del self._kids[parent]
+            rel = parent
+
+    def _collapse(self, top: bytes) -> None:
+        """Turns ``top`` into one recursive event holding everything below it; the rest is dropped."""
+        ev = self._events.get(top)
+        first, last, deleted = (ev.first, ev.last, ev.deleted) if ev is not None else (math.inf, -math.inf, True)
+        stack = list(self._kids.pop(top, ()))
+        while stack:
+            rel = stack.pop()
+            stack.extend(self._kids.pop(rel, ()))
+            sub = self._events.pop(rel, None)
+            if sub is not None:
+                first, last, deleted = min(first, sub.first), max(last, sub.last), deleted and sub.deleted
+                self._relink(rel, top)
+        self._events[top] = _Pending(first, last, True, deleted, ev.at_once if ev is not None else False)
+
+    def _relink(self, old: bytes, new: bytes) -> None:
+        for peer in self._links.pop(old, set()):
+            peers = self._links.get(peer)
+            if peers is None:
+                continue
+            peers.discard(old)
+            if not is_within(peer, new):  # peers inside `new` are absorbed with it
+                peers.add(new)
+                self._links.setdefault(new, set()).add(peer)
+            elif not peers:
+                del self._links[peer]
