@@ -27,7 +27,7 @@ class _Pending:
     first: float  # earliest event absorbed: bounds the wait by max_delay_s
     last: float  # latest event absorbed: the quiet window starts here
     recursive: bool
-    deleted: bool  # every event it holds was a deletion: held longer, emitted last
+    deleted: bool  # the latest event was a deletion (merged: all were): held longer, emitted last
     at_once: bool = False  # a requested full sync: due immediately
 
 
@@ -48,12 +48,15 @@ class Aggregator:
 
     @property
     def pending(self) -> int:
+        """Pending paths (an escalated folder counts once), for `status`."""
         return len(self._events)
 
     def add(self, rel: bytes, now: float, *, is_dir: bool = False, deleted: bool = False) -> None:
+        """One event for a root-relative path (b"" is the root). ``is_dir``: scan it recursively."""
         self._add(rel, now, recursive=is_dir, deleted=deleted)
 
     def add_move(self, src: bytes | None, dest: bytes | None, now: float, *, is_dir: bool) -> None:
+        """A move; None for the end outside the root. Both ends are emitted in the same round."""
         # A moved folder is recursive at both ends: everything indexed below src is gone or moved.
         if src is not None:
             self._add(src, now, recursive=is_dir, deleted=True)
@@ -67,15 +70,19 @@ class Aggregator:
                 self._links.setdefault(b, set()).add(a)
 
     def rescan_root(self, now: float) -> None:
+        """Overflow or lost watch: one full sync of the root, due at once, absorbing all else."""
         self._collapse(b"")
         ev = self._events[b""]
         ev.first, ev.last = min(ev.first, now), max(ev.last, now)
         ev.deleted, ev.at_once = False, True
 
     def next_due(self) -> float | None:
+        """When due() will next return something; None when nothing is pending."""
+        # A linear scan: at most max_pending entries, and it runs once per loop wake-up.
         return min((self._due_at(ev) for ev in self._events.values()), default=None)
 
     def due(self, now: float) -> list[ScanScope]:
+        """Removes what is due at ``now``; returns the fewest scopes covering it, deletions last."""
         chosen = {p for p, ev in self._events.items() if now >= self._due_at(ev)}
         if not chosen:
             return []

@@ -1,0 +1,503 @@
+"""The aggregator's rules, each with a fake clock: `now` is a plain number, nothing sleeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.aggregate import DELETE_HOLD_FACTOR, Aggregator
+from daemon.config import WatchConfig
+from daemon.model import ScanScope
+
+ROOT = b"/srv/photos"
+DEFAULT = WatchConfig(debounce_s=20.0, max_delay_s=300.0, max_paths_per_dir=128, max_pending=10000)
+
+
+def agg(**overrides: float) -> Aggregator:
+    fields = {
+        "debounce_s": DEFAULT.debounce_s,
+        "max_delay_s": DEFAULT.max_delay_s,
+        "max_paths_per_dir": DEFAULT.max_paths_per_dir,
+        "max_pending": DEFAULT.max_pending,
+    }
+    fields.update(overrides)
+    return Aggregator(
+        ROOT,
+        WatchConfig(
+            debounce_s=float(fields["debounce_s"]),
+            max_delay_s=float(fields["max_delay_s"]),
+            max_paths_per_dir=int(fields["max_paths_per_dir"]),
+            max_pending=int(fields["max_pending"]),
+        ),
+    )
+
+
+def scope(subtree: bytes, recursive: bool = False) -> ScanScope:
+    return ScanScope(ROOT, subtree, recursive)
+
+
+# --- quiet window and max delay -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("events", "deleted", "check_at", "expect_due"),
+    [
+        pytest.param([0.0], False, 19.9, False, id="change: not yet quiet for debounce_s"),
+        pytest.param([0.0], False, 20.0, True, id="change: quiet for exactly debounce_s"),
+        pytest.param([0.0, 15.0], False, 34.9, False, id="change: a repeat pushes the quiet window"),
+        pytest.param([0.0, 15.0], False, 35.0, True, id="change: due debounce_s after the repeat"),
+        pytest.param([float(t) for t in range(0, 300, 10)], False, 299.9, False, id="change: busy, before max delay"),
+        pytest.param([float(t) for t in range(0, 300, 10)], False, 300.0, True, id="change: busy, due at max delay"),
+        pytest.param([0.0], True, 29.9, False, id="deletion: held 1.5 x debounce_s"),
+        pytest.param([0.0], True, 30.0, True, id="deletion: due after 1.5 x debounce_s"),
+        pytest.param([float(t) for t in range(0, 300, 10)], True, 300.0, True, id="deletion: busy, due at max delay"),
+    ],
+)
+def test_path_is_due_when_quiet_or_pending_too_long(
+    events: list[float], deleted: bool, check_at: float, expect_due: bool
+) -> None:
+    a = agg()
+    for t in events:
+        a.add(b"album/img.jpg", t, deleted=deleted)
+    assert a.pending == 1  # duplicates inside the window count once
+    assert a.due(check_at) == ([scope(b"album/img.jpg")] if expect_due else [])
+    assert a.pending == (0 if expect_due else 1)
+
+
+def test_delete_hold_factor_is_one_and_a_half() -> None:
+    assert DELETE_HOLD_FACTOR == 1.5
+
+
+@pytest.mark.parametrize(
+    ("adds", "expected"),
+    [
+        pytest.param([], None, id="empty: nothing to wait for"),
+        pytest.param([(b"a", 3.0, False)], 23.0, id="change: last event + debounce_s"),
+        pytest.param([(b"a", 3.0, True)], 33.0, id="deletion: last event + 1.5 x debounce_s"),
+        pytest.param([(b"a", 3.0, False), (b"b", 1.0, True)], 23.0, id="earliest of several"),
+        pytest.param(
+            [(b"a", float(t), False) for t in range(0, 300, 5)], 300.0, id="busy path: first event + max delay"
+        ),
+    ],
+)
+def test_next_due_is_the_earliest_time_due_returns_something(
+    adds: list[tuple[bytes, float, bool]], expected: float | None
+) -> None:
+    a = agg()
+    for rel, t, deleted in adds:
+        a.add(rel, t, deleted=deleted)
+    assert a.next_due() == expected
+    if expected is not None:
+        assert a.due(math.nextafter(expected, 0.0)) == []
+        assert a.due(expected) != []
+
+
+def test_due_before_anything_is_due_keeps_everything_pending() -> None:
+    a = agg()
+    a.add(b"x", 0.0)
+    a.add(b"y", 0.0, deleted=True)
+    assert a.due(10.0) == []
+    assert a.pending == 2
+    assert a.next_due() == 20.0
+
+
+def test_deleted_then_recreated_path_is_a_change_not_a_deletion() -> None:
+    a = agg()
+    a.add(b"x", 0.0, deleted=True)
+    a.add(b"x", 1.0)
+    assert a.next_due() == 21.0
+    assert a.due(21.0) == [scope(b"x")]
+
+
+def test_the_root_itself_is_a_non_recursive_scope() -> None:
+    a = agg()
+    a.add(b"", 0.0)
+    assert a.due(20.0) == [ScanScope(ROOT, b"", False)]
+
+
+# --- deletions: later, last, and together with the round --------------------------------------------
+
+
+def test_round_lists_changes_sorted_then_deletions_sorted() -> None:
+    a = agg()
+    for rel in (b"z", b"c/d", b"c"):
+        a.add(rel, 0.0)
+    for rel in (b"y", b"a"):
+        a.add(rel, 0.0, deleted=True)
+    a.add(b"b", 0.0, deleted=True)
+    assert a.due(20.0) == [scope(b"c"), scope(b"z"), scope(b"a"), scope(b"b"), scope(b"y")]
+
+
+@pytest.mark.parametrize(
+    ("deleted_at", "rides_along"),
+    [
+        pytest.param(0.0, True, id="deletion quiet for debounce_s joins the round"),
+        pytest.param(-5.0, True, id="older deletion joins the round"),
+        pytest.param(0.1, False, id="deletion quiet for less than debounce_s waits"),
+    ],
+)
+def test_quiet_deletions_join_any_round_of_the_root(deleted_at: float, rides_along: bool) -> None:
+    a = agg()
+    a.add(b"gone", deleted_at, deleted=True)
+    a.add(b"changed", 0.0)
+    expected = [scope(b"changed")] + ([scope(b"gone")] if rides_along else [])
+    assert a.due(20.0) == expected
+
+
+def test_rename_seen_as_delete_then_create_is_one_round() -> None:
+    a = agg()
+    a.add(b"old.jpg", 0.0, deleted=True)
+    a.add(b"new.jpg", 0.5)
+    assert a.due(20.0) == []
+    assert a.due(20.5) == [scope(b"new.jpg"), scope(b"old.jpg")]
+
+
+# --- moves ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src", "dest", "is_dir", "round_at", "expected"),
+    [
+        pytest.param(b"a", b"b", False, 20.0, [scope(b"b"), scope(b"a")], id="file: both ends, deletion last"),
+        pytest.param(b"x", b"y", True, 20.0, [scope(b"y", True), scope(b"x", True)], id="folder: recursive ends"),
+        pytest.param(None, b"y", True, 20.0, [scope(b"y", True)], id="folder moved in: walk it whole"),
+        pytest.param(None, b"f", False, 20.0, [scope(b"f")], id="file moved in: a plain change"),
+        pytest.param(b"f", None, False, 30.0, [scope(b"f")], id="moved out: a deletion, held longer"),
+    ],
+)
+def test_move(src: bytes | None, dest: bytes | None, is_dir: bool, round_at: float, expected: list[ScanScope]) -> None:
+    a = agg()
+    a.add_move(src, dest, 0.0, is_dir=is_dir)
+    assert a.due(round_at - 0.1) == []
+    assert a.due(round_at) == expected
+    assert a.pending == 0
+
+
+def test_move_ends_share_a_round_when_dest_keeps_changing() -> None:
+    a = agg()
+    a.add_move(b"a", b"b", 0.0, is_dir=False)
+    a.add(b"b", 25.0)  # dest alone would be due at 45
+    assert a.due(30.0) == [scope(b"b"), scope(b"a")]
+
+
+def test_move_ends_share_a_round_when_src_keeps_changing() -> None:
+    a = agg()
+    a.add_move(b"a", b"b", 0.0, is_dir=False)
+    a.add(b"a", 15.0, deleted=True)  # src alone would be due at 45, and is not quiet enough to ride along
+    assert a.due(20.0) == [scope(b"b"), scope(b"a")]
+
+
+def test_move_end_escalated_later_still_shares_the_round() -> None:
+    a = agg(max_paths_per_dir=2)
+    a.add_move(b"d/a", b"e/b", 0.0, is_dir=False)
+    for name in (b"d/x", b"d/y"):
+        a.add(name, 5.0)  # d escalates and absorbs the src end; d alone would be due at 25
+    assert a.escalations == 1
+    assert a.due(20.0) == [scope(b"d", True), scope(b"e/b")]
+    assert a.pending == 0
+
+
+def test_unrelated_paths_are_not_pulled_by_a_move() -> None:
+    a = agg()
+    a.add_move(b"a", b"b", 0.0, is_dir=False)
+    a.add(b"c", 10.0)
+    assert a.due(20.0) == [scope(b"b"), scope(b"a")]
+    assert a.due(30.0) == [scope(b"c")]
+
+
+# --- escalation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("children", "expected_scopes", "expected_escalations"),
+    [
+        pytest.param(128, 128, 0, id="max_paths_per_dir children stay separate"),
+        pytest.param(129, 1, 1, id="one more escalates to the folder"),
+    ],
+)
+def test_folder_with_too_many_pending_children_escalates(
+    children: int, expected_scopes: int, expected_escalations: int
+) -> None:
+    a = agg()
+    for i in range(children):
+        a.add(b"dir/%d" % i, 0.0)
+    out = a.due(20.0)
+    assert len(out) == expected_scopes
+    assert a.escalations == expected_escalations
+    if expected_escalations:
+        assert out == [scope(b"dir", True)]
+
+
+def test_root_children_do_not_escalate_the_root_below_max_pending() -> None:
+    a = agg(max_paths_per_dir=2, max_pending=10)
+    for name in (b"a", b"b", b"c", b"d"):
+        a.add(name, 0.0)
+    assert a.escalations == 0
+    assert a.due(20.0) == [scope(b"a"), scope(b"b"), scope(b"c"), scope(b"d")]
+
+
+def test_escalation_cascades_to_the_smallest_folder_covering_the_burst() -> None:
+    a = agg(max_paths_per_dir=2)
+    for sub in (b"p/a", b"p/b"):
+        for i in range(3):
+            a.add(b"%s/%d" % (sub, i), 0.0)
+    assert a.escalations == 2  # p/a and p/b, each as its third child arrived
+    a.add(b"p/c/0", 0.0)  # p now has three pending children
+    assert a.escalations == 3
+    assert a.pending == 1
+    assert a.due(20.0) == [scope(b"p", True)]
+
+
+def test_burst_across_many_subfolders_escalates_their_parent() -> None:
+    a = agg(max_paths_per_dir=4)
+    for i in range(5):
+        a.add(b"p/s%d/deep/file" % i, 0.0)
+    assert a.escalations == 1
+    assert a.due(20.0) == [scope(b"p", True)]
+
+
+@pytest.mark.parametrize(
+    ("times", "absorbed_until", "not_due_at", "due_at"),
+    [
+        pytest.param((0.0, 5.0, 10.0), None, 29.9, 30.0, id="keeps the latest last-seen"),
+        pytest.param((0.0, 10.0, 20.0), 290.0, 299.9, 300.0, id="keeps the earliest first-seen"),
+    ],
+)
+def test_escalated_folder_merges_times(
+    times: tuple[float, float, float], absorbed_until: float | None, not_due_at: float, due_at: float
+) -> None:
+    a = agg(max_paths_per_dir=2)
+    for i, t in enumerate(times):
+        a.add(b"d/%d" % i, t)
+    assert a.escalations == 1
+    if absorbed_until is not None:
+        for t in range(30, int(absorbed_until) + 1, 10):
+            a.add(b"d/later%d" % t, float(t))
+    assert a.due(not_due_at) == []
+    assert a.due(due_at) == [scope(b"d", True)]
+
+
+def test_events_below_an_escalated_folder_count_once_and_push_its_quiet_time() -> None:
+    a = agg(max_paths_per_dir=2)
+    for i in range(3):
+        a.add(b"d/%d" % i, 0.0)
+    a.add(b"d/new/deeper", 15.0)
+    assert a.pending == 1
+    assert a.due(34.9) == []
+    assert a.due(35.0) == [scope(b"d", True)]
+
+
+def test_escalated_folder_of_deletions_is_held_like_a_deletion() -> None:
+    a = agg(max_paths_per_dir=2)
+    for i in range(3):
+        a.add(b"d/%d" % i, 0.0, deleted=True)
+    assert a.due(29.9) == []
+    assert a.due(30.0) == [scope(b"d", True)]
+
+
+def test_a_million_events_in_one_folder_hold_constant_state() -> None:
+    a = agg()
+    for i in range(1_000_000):
+        a.add(b"burst/%d" % i, i * 1e-6)
+    assert a.pending == 1
+    assert a.escalations == 1
+    assert a._kids == {b"": {b"burst"}}  # the children were dropped, not kept below the folder
+    assert a.due(21.0) == [scope(b"burst", True)]
+
+
+def test_more_than_max_pending_paths_become_a_full_sync_of_the_root() -> None:
+    a = agg(max_pending=5)
+    for i in range(5):
+        a.add(b"d%d/f" % i, 0.0)
+    assert a.escalations == 0
+    a.add(b"d5/f", 1.0)
+    assert a.escalations == 1
+    assert a.pending == 1
+    assert a.due(20.9) == []
+    assert a.due(21.0) == [ScanScope(ROOT, b"", True)]
+
+
+# --- rescan of the root ---------------------------------------------------------------------------
+
+
+def test_rescan_root_is_due_at_once_and_absorbs_everything() -> None:
+    a = agg()
+    a.add(b"a", 40.0)
+    a.add_move(b"b", b"c", 45.0, is_dir=True)
+    a.rescan_root(50.0)
+    assert a.pending == 1
+    assert a.escalations == 0  # an overflow is not an escalation; the caller counts overflows
+    next_due = a.next_due()
+    assert next_due is not None
+    assert next_due <= 50.0
+    assert a.due(50.0) == [ScanScope(ROOT, b"", True)]
+    assert a.pending == 0
+    assert a.next_due() is None
+
+
+def test_events_after_a_rescan_are_absorbed_by_it() -> None:
+    a = agg()
+    a.rescan_root(0.0)
+    a.add(b"x/y", 0.5, deleted=True)
+    assert a.pending == 1
+    assert a.due(0.5) == [ScanScope(ROOT, b"", True)]
+
+
+# --- absorption -----------------------------------------------------------------------------------
+
+
+def test_created_folder_absorbs_later_events_below_it() -> None:
+    a = agg()
+    a.add(b"new", 0.0, is_dir=True)
+    a.add(b"new/a", 5.0)
+    a.add(b"new/b/c", 5.0, deleted=True)
+    assert a.pending == 1
+    assert a.due(24.9) == []
+    assert a.due(25.0) == [scope(b"new", True)]
+
+
+def test_created_folder_absorbs_earlier_events_below_it() -> None:
+    a = agg()
+    a.add(b"d/x", 0.0)
+    a.add(b"d/y/z", 0.0)
+    a.add(b"d", 10.0, is_dir=True)
+    assert a.pending == 1
+    assert a.escalations == 0
+    assert a.due(29.9) == []
+    assert a.due(30.0) == [scope(b"d", True)]
+
+
+def test_folder_scope_covers_its_direct_children() -> None:
+    a = agg()
+    for rel in (b"d", b"d/a", b"d/b"):
+        a.add(rel, 0.0)
+    assert a.due(20.0) == [scope(b"d")]
+    assert a.pending == 0
+
+
+def test_folder_scope_does_not_cover_recursive_children_or_grandchildren() -> None:
+    a = agg()
+    a.add(b"d", 0.0)
+    a.add(b"d/sub", 0.0, is_dir=True)
+    a.add(b"d/x/y", 0.0)
+    assert a.due(20.0) == [scope(b"d"), scope(b"d/sub", True), scope(b"d/x/y")]
+
+
+def test_due_child_pulls_its_pending_folder_scope_forward() -> None:
+    a = agg()
+    a.add(b"d/a", 0.0)
+    a.add(b"d/b", 15.0)
+    a.add(b"d", 10.0)
+    assert a.due(20.0) == [scope(b"d")]
+    assert a.pending == 0
+
+
+def test_folder_scope_leaves_grandchildren_pending() -> None:
+    a = agg()
+    a.add(b"d", 0.0)
+    a.add(b"d/x/y", 10.0)
+    assert a.due(20.0) == [scope(b"d")]
+    assert a.pending == 1
+    assert a.due(30.0) == [scope(b"d/x/y")]
+
+
+def test_output_is_sorted_whatever_the_arrival_order() -> None:
+    a = agg()
+    names = [b"m", b"a/b", b"z", b"a", b"a-b", b"b"]
+    for rel in names:
+        a.add(rel, 0.0, is_dir=rel == b"a")
+    assert a.due(20.0) == [scope(b"a", True), scope(b"a-b"), scope(b"b"), scope(b"m"), scope(b"z")]
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+_segment = st.sampled_from([b"a", b"b", b"c"])
+_path = st.lists(_segment, min_size=1, max_size=3).map(b"/".join)
+_op = st.one_of(
+    st.tuples(st.just("add"), st.one_of(st.just(b""), _path), st.booleans(), st.booleans()),
+    st.tuples(st.just("move"), st.none() | _path, st.none() | _path, st.booleans()),
+    st.tuples(st.just("rescan")),
+    st.tuples(st.just("due")),
+)
+
+
+_configs = st.sampled_from(
+    [
+        WatchConfig(debounce_s=10.0, max_delay_s=60.0, max_paths_per_dir=2, max_pending=6),
+        WatchConfig(debounce_s=0.0, max_delay_s=5.0, max_paths_per_dir=1, max_pending=3),
+        WatchConfig(debounce_s=10.0, max_delay_s=10.0, max_paths_per_dir=128, max_pending=10000),
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_configs, st.lists(st.tuples(_op, st.floats(min_value=0.0, max_value=40.0)), max_size=60))
+def test_every_event_is_scanned_within_max_delay_and_rounds_have_no_redundant_scopes(
+    cfg: WatchConfig, steps: list[tuple[tuple[object, ...], float]]
+) -> None:
+    a = Aggregator(ROOT, cfg)
+    now = 0.0
+    rounds: list[tuple[float, list[ScanScope]]] = []
+    added: list[tuple[int, float, ScanScope]] = []  # (rounds before it, its time, what it asks to scan)
+    moves: list[tuple[int, ScanScope, ScanScope]] = []
+
+    def run_round(at: float) -> None:
+        out = a.due(at)
+        for i, s in enumerate(out):
+            assert all(not s.covers(t) for j, t in enumerate(out) if i != j), out
+        next_due = a.next_due()
+        assert next_due is None or next_due > at  # due() took everything that was due
+        rounds.append((at, out))
+
+    for op, dt in steps:
+        now += dt
+        if op[0] == "add":
+            _, rel, is_dir, deleted = op
+            assert isinstance(rel, bytes) and isinstance(is_dir, bool) and isinstance(deleted, bool)
+            a.add(rel, now, is_dir=is_dir, deleted=deleted)
+            added.append((len(rounds), now, scope(rel, is_dir)))
+        elif op[0] == "move":
+            _, src, dest, is_dir = op
+            assert isinstance(is_dir, bool)
+            src_rel = src if isinstance(src, bytes) else None
+            dest_rel = dest if isinstance(dest, bytes) else None
+            a.add_move(src_rel, dest_rel, now, is_dir=is_dir)
+            ends = [scope(p, is_dir) for p in (src_rel, dest_rel) if p is not None]
+            added.extend((len(rounds), now, e) for e in ends)
+            if len(ends) == 2:
+                moves.append((len(rounds), ends[0], ends[1]))
+        elif op[0] == "rescan":
+            a.rescan_root(now)
+            added.append((len(rounds), now, ScanScope(ROOT, b"", True)))
+        else:
+            run_round(now)
+        assert a.pending <= cfg.max_pending
+        assert all(len(kids) <= cfg.max_paths_per_dir for folder, kids in a._kids.items() if folder)
+
+    run_round(math.inf)
+    assert a.pending == 0
+    assert a.next_due() is None
+    assert a._kids == {}
+    assert a._links == {}
+
+    def first_round_covering(start: int, what: ScanScope) -> int:
+        return next(r for r in range(start, len(rounds)) if any(s.covers(what) for s in rounds[r][1]))
+
+    for start, at, what in added:
+        r = first_round_covering(start, what)  # StopIteration: never scanned
+        # No round at or after its max delay went by without it.
+        assert all(rounds[k][0] < at + cfg.max_delay_s for k in range(start, r))
+    for start, src, dest in moves:
+        assert first_round_covering(start, src) == first_round_covering(start, dest)
+
+
+def test_chain_of_folder_scopes_keeps_the_grandchild() -> None:
+    a = agg()
+    a.add(b"", 0.0)
+    a.add(b"a", 5.0)
+    a.add(b"a/b", 0.0)  # due first; pulls a forward, which pulls the root forward
+    assert a.due(20.0) == [scope(b""), scope(b"a/b")]  # the root's scope covers a, not a/b
+    assert a.pending == 0
