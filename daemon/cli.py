@@ -239,7 +239,10 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from daemon.service import run_daemon  # the daemon's imports are not needed by the queries
 
-    return run_daemon(config)
+    index = open_index(config)
+    check_roots(config, index)
+    index.close()
+    return run_daemon(config, lambda: load_config(args))
 
 
 COMMANDS: dict[str, Any] = {

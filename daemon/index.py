@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
+
 from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -118,6 +120,26 @@ MIGRATIONS: tuple[str, ...] = (
         activity TEXT NOT NULL,
         updated_at REAL NOT NULL
     );
+    """,
+    # 2 (issue 6: dupes, verify, rebuild): the corruption mark, the indexes `dupes` and
+    # `status` need, and the cursors that make `verify` and `rebuild` resumable.
+    """
+    ALTER TABLE entries ADD COLUMN corrupt_blake3 BLOB;  -- the hash `verify` saw on disk
+    CREATE INDEX entries_corrupt ON entries(root_id, path) WHERE corrupt_blake3 IS NOT NULL;
+    CREATE INDEX entries_dupes ON entries(size, blake3, dev, inode)
+        WHERE kind = 'file' AND blake3 IS NOT NULL AND corrupt_blake3 IS NULL;
+    CREATE TABLE jobs(
+        name TEXT NOT NULL,                  -- verify | rebuild
+        root_id INTEGER NOT NULL,            -- 0 for a job over every root
+        scope BLOB NOT NULL,                 -- root-relative path (b'' is the whole root)
+        cursor,                              -- the last item done: a path (verify) or an entry id (rebuild)
+        done_files INTEGER NOT NULL DEFAULT 0,
+        done_bytes INTEGER NOT NULL DEFAULT 0,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        pid INTEGER NOT NULL,
+        PRIMARY KEY(name, root_id, scope)
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -258,6 +280,12 @@ class Index:
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise IndexError_(f"{path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
+                if version < SCHEMA_VERSION:
+                    # An index from before an upgrade: migrate it once (needs write access), then read.
+                    self.db.close()
+                    Index(path).close()
+                    self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=60)
+                    self.db.execute("PRAGMA busy_timeout = 60000")
         except sqlite3.DatabaseError as e:
             raise IndexError_(f"{path}: {_describe(e)}") from None
 
@@ -498,13 +526,27 @@ class Index:
                 )
 
     def match_renames_by_inode(self, scan_id: int) -> list[tuple[bytes, int, bytes]]:
-        """Pairs (new path, gone entry id, its old path) with the same dev, inode and kind."""
+        """Pairs (new path, gone entry id, its old path) with the same dev, inode and kind.
+
+        The sources are the gone entries and also the *displaced* ones: an entry whose path
+        now holds another inode (`mv b c; mv a b` leaves b on disk, so b's row is queued as
+        changed content rather than gone). Without the second half, b's row is overwritten
+        by a's and c arrives as a new entry: b's identity and feed history are lost and c
+        is hashed again.
+        """
         rows = self.db.execute(
             """SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
                FROM scan_gone g JOIN entries e ON e.id = g.entry_id
                JOIN scan_queue q ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev AND q.kind = e.kind
-               WHERE g.scan_id = ? AND q.reason != 'metadata' ORDER BY q.path""",
-            (scan_id,),
+               WHERE g.scan_id = :s AND q.reason != 'metadata'
+               UNION ALL
+               SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
+               FROM scan_queue c JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
+               JOIN scan_queue q ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev AND q.kind = e.kind
+                    AND q.path != c.path
+               WHERE c.scan_id = :s AND c.reason = 'content' AND q.reason != 'metadata'
+               ORDER BY 1""",
+            {"s": scan_id},
         ).fetchall()
         taken_new: set[bytes] = set()
         taken_old: set[int] = set()
@@ -610,7 +652,13 @@ class Index:
                 if w.park_id is not None:
                     # The row at this path moves elsewhere later in this scan (mv b c; mv a b):
                     # park it under a name no kernel allows, until its own rename comes.
-                    self.db.execute("UPDATE entries SET path = x'00' || path WHERE id = ?", (w.park_id,))
+                    # The new path is built in Python: SQL's || turns the BLOB into TEXT, which
+                    # _unpark's BLOB range never matches and which fails to decode for a name
+                    # that is not UTF-8. Only a row still at this path is parked: when its own
+                    # rename sorted first (mv b a; mv x b), it has already left.
+                    self.db.execute(
+                        "UPDATE entries SET path = ? WHERE id = ? AND path = ?", (b"\x00" + w.path, w.park_id, w.path)
+                    )
                 if w.op is Op.RENAMED and batch.scan_id is not None:
                     self.db.execute(
                         "DELETE FROM scan_gone WHERE scan_id = ? AND entry_id = ?", (batch.scan_id, w.entry_id)
@@ -650,7 +698,12 @@ class Index:
                         new_ids[w.path] = entry_id
                 else:
                     entry_id = w.entry_id
-                    hash_sql = "" if w.keep_hash else ", blake3 = :blake3, racy = :racy, scheme = :scheme"
+                    # New content clears `verify`'s corruption mark (the file changed again).
+                    hash_sql = (
+                        ""
+                        if w.keep_hash
+                        else ", blake3 = :blake3, racy = :racy, scheme = :scheme, corrupt_blake3 = NULL"
+                    )
                     self.db.execute(
                         "UPDATE entries SET path = :path, parent_id = :parent, kind = :kind, size = :size,"
                         " mtime_ns = :mtime, ctime_ns = :ctime, inode = :inode, dev = :dev, mode = :mode, uid = :uid,"
@@ -708,6 +761,233 @@ class Index:
         row = self.db.execute("SELECT pid, started_at, state, activity, updated_at FROM daemon").fetchone()
         return None if row is None else (row[0], row[1], row[2], row[3], row[4])
 
+    # --- library tools: dupes, verify, rebuild, metrics (issue 6) ----------------------
+    # Appended as one section so the engine's methods above stay as they are.
+
+    def dupe_groups(self, min_size: int, root_id: int | None = None, path: bytes = b"") -> list[DupeRow]:
+        """Files sharing (size, blake3) over more than one inode, largest waste first.
+
+        Hard links (one dev+inode under several names) are one copy. Entries marked corrupt
+        are left out: their indexed hash no longer describes what is on disk.
+        """
+        scope = ""
+        params: dict[str, Any] = {"min": min_size}
+        if root_id is not None:
+            scope = " AND root_id = :r" + (f" AND {_under('path')}" if path else "")
+            params.update({"r": root_id, **_bounds(path)})
+        rows = self.db.execute(
+            f"""WITH files AS (
+                    SELECT root_id, path, size, blake3, dev, inode FROM entries
+                    WHERE kind = 'file' AND blake3 IS NOT NULL AND corrupt_blake3 IS NULL AND size >= :min{scope}),
+                groups AS (
+                    SELECT size, blake3, count(*) AS copies FROM (SELECT DISTINCT size, blake3, dev, inode FROM files)
+                    GROUP BY size, blake3 HAVING count(*) > 1)
+                SELECT g.size, g.blake3, g.copies, r.path, f.path, f.dev, f.inode
+                FROM groups g JOIN files f ON f.size = g.size AND f.blake3 = g.blake3
+                JOIN roots r ON r.id = f.root_id
+                ORDER BY g.size * (g.copies - 1) DESC, g.size DESC, g.blake3, f.dev, f.inode, r.path, f.path""",
+            params,
+        ).fetchall()
+        return [DupeRow(*r) for r in rows]
+
+    def corrupt_ids(self, root_id: int) -> set[int]:
+        return {
+            r[0]
+            for r in self.db.execute(
+                "SELECT id FROM entries WHERE root_id = ? AND corrupt_blake3 IS NOT NULL", (root_id,)
+            )
+        }
+
+    def corrupt_count(self, root_id: int) -> int:
+        row = self.db.execute(
+            "SELECT count(*) FROM entries WHERE root_id = ? AND corrupt_blake3 IS NOT NULL", (root_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def corrupt_under(self, root_id: int, path: bytes) -> list[CorruptRow]:
+        """Entries marked corrupt at or below a root-relative path, in path order."""
+        rows = self.db.execute(
+            "SELECT id, path, size, mtime_ns, blake3, corrupt_blake3 FROM entries"
+            f" WHERE root_id = :r AND corrupt_blake3 IS NOT NULL AND (:p = x'' OR {_under('path')}) ORDER BY path",
+            {"r": root_id, **_bounds(path)},
+        ).fetchall()
+        return [CorruptRow(*r) for r in rows]
+
+    def error_count(self, root_id: int) -> int:
+        return int(self.db.execute("SELECT count(*) FROM errors WHERE root_id = ?", (root_id,)).fetchone()[0])
+
+    def files_after(self, root_id: int, path: bytes, after: bytes | None, limit: int) -> list[Entry]:
+        """Hashed files at or below ``path`` whose path sorts after ``after``, in path order."""
+        rows = self.db.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r AND kind = 'file' AND blake3 IS NOT NULL"
+            f" AND (:p = x'' OR {_under('path')}) AND (:after IS NULL OR path > :after) ORDER BY path LIMIT :n",
+            {"r": root_id, "after": after, "n": limit, **_bounds(path)},
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def file_totals_after(self, root_id: int, path: bytes, after: bytes | None) -> tuple[int, int]:
+        """(files, bytes) that `files_after` would still return."""
+        row = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM entries WHERE root_id = :r AND kind = 'file'"
+            f" AND blake3 IS NOT NULL AND (:p = x'' OR {_under('path')}) AND (:after IS NULL OR path > :after)",
+            {"r": root_id, "after": after, **_bounds(path)},
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def set_corrupt(self, entry: Entry, seen: bytes | None) -> bool:
+        """Mark (or, with None, unmark) an entry, only if its row is still the one verified."""
+        s = entry.stat
+        with self.transaction():
+            cur = self.db.execute(
+                "UPDATE entries SET corrupt_blake3 = ? WHERE id = ? AND size = ? AND mtime_ns = ? AND inode = ?"
+                " AND blake3 = ?",
+                (seen, entry.id, s.size, s.mtime_ns, s.inode, entry.blake3),
+            )
+            return cur.rowcount == 1
+
+    def accept_content(self, entry: Entry, digest: bytes, racy: bool) -> int | None:
+        """Store a corrupt-marked entry's new content as its hash and tell the feed (`modified`).
+
+        Returns the change's sequence number, or None when the row moved on meanwhile.
+        """
+        s = entry.stat
+        with self.transaction():
+            seq = self.last_seq() + 1
+            cur = self.db.execute(
+                "UPDATE entries SET blake3 = ?, racy = ?, corrupt_blake3 = NULL, seq = ? WHERE id = ? AND size = ?"
+                " AND mtime_ns = ? AND inode = ? AND corrupt_blake3 IS NOT NULL",
+                (digest, racy, seq, entry.id, s.size, s.mtime_ns, s.inode),
+            )
+            if cur.rowcount != 1:
+                return None
+            self.db.execute(
+                "INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                (seq, entry.id, entry.root_id, Op.MODIFIED.value, Kind.FILE.value, entry.path, time.time()),
+            )
+            return seq
+
+    def job(self, name: str, root_id: int, scope: bytes) -> JobRow | None:
+        row = self.db.execute(
+            "SELECT cursor, done_files, done_bytes, started_at, pid FROM jobs"
+            " WHERE name = ? AND root_id = ? AND scope = ?",
+            (name, root_id, scope),
+        ).fetchone()
+        return None if row is None else JobRow(name, root_id, scope, *row)
+
+    def jobs(self, name: str) -> list[JobRow]:
+        rows = self.db.execute(
+            "SELECT name, root_id, scope, cursor, done_files, done_bytes, started_at, pid FROM jobs WHERE name = ?",
+            (name,),
+        ).fetchall()
+        return [JobRow(*r) for r in rows]
+
+    def save_job(self, job: JobRow, counters: dict[str, int] | None = None) -> None:
+        """Persist a job's cursor (and the counters of the work it covers) in one transaction."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.name, job.root_id, job.scope, job.cursor, job.done_files, job.done_bytes, job.started_at,
+                 time.time(), os.getpid()),
+            )  # fmt: skip
+            self._add_counters(counters or {})
+
+    def end_job(self, name: str, root_id: int, scope: bytes) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM jobs WHERE name = ? AND root_id = ? AND scope = ?", (name, root_id, scope))
+
+    def rebuild_count(self, scheme: int) -> tuple[int, int]:
+        """(files, bytes) whose stored hash predates ``scheme``."""
+        row = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            " WHERE kind = 'file' AND blake3 IS NOT NULL AND scheme < ?",
+            (scheme,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def rebuild_batch(self, scheme: int, after_id: int, limit: int) -> list[tuple[bytes, Entry]]:
+        """(root path, entry) of the next files whose stored hash predates ``scheme``, in id order."""
+        rows = self.db.execute(
+            f"SELECT r.path, {', '.join('e.' + c.strip() for c in ENTRY_COLUMNS.split(','))}"
+            " FROM entries e JOIN roots r ON r.id = e.root_id"
+            " WHERE e.kind = 'file' AND e.blake3 IS NOT NULL AND e.scheme < ? AND e.id > ? ORDER BY e.id LIMIT ?",
+            (scheme, after_id, limit),
+        ).fetchall()
+        return [(r[0], _entry(r[1:])) for r in rows]
+
+    def store_rebuilt(self, rows: Sequence[Rebuilt], job: JobRow, counters: dict[str, int]) -> int:
+        """Store re-derived fields of unchanged files, with the job's cursor, in one transaction.
+
+        Neither ``seq`` nor the feed moves: the content is what consumers were already told.
+        A row the scanner rewrote meanwhile (stat moved) is left alone. Returns rows stored.
+        """
+        stored = 0
+        with self.transaction():
+            for r in rows:
+                s = r.entry.stat
+                cur = self.db.execute(
+                    "UPDATE entries SET blake3 = ?, corrupt_blake3 = ?, racy = ?, scheme = ?, xattrs = ?"
+                    " WHERE id = ? AND size = ? AND mtime_ns = ? AND inode = ? AND scheme = ?",
+                    (r.blake3, r.corrupt_blake3, r.racy, r.scheme, r.xattrs, r.entry.id, s.size, s.mtime_ns,
+                     s.inode, r.entry.scheme),
+                )  # fmt: skip
+                stored += cur.rowcount
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.name, job.root_id, job.scope, job.cursor, job.done_files, job.done_bytes, job.started_at,
+                 time.time(), os.getpid()),
+            )  # fmt: skip
+            self._add_counters(counters)
+        return stored
+
+
+@dataclass(frozen=True, slots=True)
+class DupeRow:
+    """One file of a duplicate group, with its group's (size, blake3, distinct inodes)."""
+
+    size: int
+    blake3: bytes
+    copies: int
+    root: bytes
+    path: bytes
+    dev: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptRow:
+    id: int
+    path: bytes
+    size: int
+    mtime_ns: int
+    blake3: bytes
+    corrupt_blake3: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A resumable job's progress: `cursor` is the last item done (None before the first)."""
+
+    name: str
+    root_id: int
+    scope: bytes
+    cursor: bytes | int | None
+    done_files: int
+    done_bytes: int
+    started_at: float
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """What `rebuild` derived again for an entry whose stat still matched the index."""
+
+    entry: Entry
+    blake3: bytes
+    corrupt_blake3: bytes | None
+    racy: bool
+    scheme: int
+    xattrs: str | None
+
 
 def _describe(e: sqlite3.DatabaseError) -> str:
     text = str(e)
@@ -718,3 +998,43 @@ def _describe(e: sqlite3.DatabaseError) -> str:
     if "readonly" in text:
         return "is read-only"
     return text
+
+
+class AsyncIndex:
+    """The daemon loop's own connection (aiosqlite): small writes that must never block the loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self.db = await aiosqlite.connect(self.path, isolation_level=None, timeout=60)
+        await self.db.execute("PRAGMA busy_timeout = 60000")
+
+    async def close(self) -> None:
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+
+    async def _write(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> None:
+        assert self.db is not None
+        await self.db.execute(sql, params)
+
+    async def heartbeat(self, pid: int, started_at: float, state: str, activity: str) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)", (pid, started_at, state, activity, time.time())
+        )
+
+    async def root_runtime(self, path: bytes, *, pending: int, observer: str) -> None:
+        await self._write("UPDATE roots SET pending = ?, observer = ? WHERE path = ?", (pending, observer, path))
+
+    async def count_overflow(self, path: bytes) -> None:
+        await self._write("UPDATE roots SET overflows = overflows + 1 WHERE path = ?", (path,))
+
+    async def add_counters(self, counters: dict[str, int]) -> None:
+        assert self.db is not None
+        await self.db.executemany(
+            "INSERT INTO counters(name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in counters.items() if v],
+        )

@@ -1,33 +1,106 @@
-"""structlog configuration: a readable console format on a TTY, key=value lines otherwise."""
+"""structlog configuration: journald with structured fields under systemd, a readable console on a TTY.
+
+Log calls name their subject with plain keys (``root=``, ``path=``, ``scope=``, ``reason=``);
+the journald renderer turns them into ``TREEWATCH_ROOT``, ``TREEWATCH_PATH``... fields, so
+`journalctl TREEWATCH_ROOT=/srv/photos` finds everything about one root. Events an admin
+alerts on carry a stable ``MESSAGE_ID`` (sd-id128), as systemd's catalog does.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# syslog priorities, as journald expects them in PRIORITY=.
+PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
 
-def configure(level: str = "info", *, stream: Any = None) -> None:
-    stream = stream or sys.stderr
-    renderer: Any
-    if stream.isatty():
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+class MessageId:
+    """Stable ids (made once with `systemd-id128 new`) for the events an admin alerts on."""
+
+    OVERFLOW = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b01"
+    WATCH_LIMIT = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b02"
+    ROOT_OFFLINE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b03"
+    ROOT_ONLINE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b04"
+    FULL_SYNC_FINISHED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b05"
+    SCAN_ERROR = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b06"
+    STARTED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b07"
+    STOPPED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b08"
+
+
+class JournalRenderer:
+    """The last processor: sends one journal entry per log call and returns nothing to print."""
+
+    def __init__(self, identifier: str = "treewatch") -> None:
+        from systemd import journal
+
+        self.send = journal.send
+        self.identifier = identifier
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        message = str(event.pop("event", ""))
+        level = str(event.pop("level", method))
+        event.pop("timestamp", None)
+        fields: dict[str, Any] = {
+            "PRIORITY": str(PRIORITIES.get(level, 6)),
+            "SYSLOG_IDENTIFIER": self.identifier,
+        }
+        message_id = event.pop("message_id", None)
+        if message_id:
+            fields["MESSAGE_ID"] = message_id
+        details = []
+        for key, value in event.items():
+            text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+            fields[f"TREEWATCH_{key.upper()}"] = text
+            details.append(f"{key}={text}")
+        # The journal's MESSAGE is what `journalctl -u treewatch` shows: keep the facts in it too.
+        self.send(f"{message}: {' '.join(details)}" if details else message, **fields)
+        return ""
+
+
+def _plain_values(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Drop empty values; paths arrive as bytes and are shown as os.fsdecode'd text."""
+    return {k: os.fsdecode(v) if isinstance(v, bytes) else v for k, v in event.items() if v is not None}
+
+
+def configure(level: str = "info", *, journald: bool = False, stream: TextIO | None = None) -> None:
+    """Journald when asked (the daemon under systemd), else console on a TTY, else key=value lines."""
+    out = stream or sys.stderr
+    processors: list[Any] = [structlog.processors.add_log_level, _plain_values]
+    if journald:
+        processors.append(JournalRenderer())
+        factory: Any = structlog.ReturnLoggerFactory()
     else:
-        renderer = structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True)
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=False))
+        if out.isatty():
+            processors.append(structlog.dev.ConsoleRenderer(colors=True))
+        else:
+            processors.append(structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]))
+        factory = structlog.PrintLoggerFactory(out)
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=False),
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+def under_journald() -> bool:
+    """True when stderr is connected to the journal (systemd sets JOURNAL_STREAM=dev:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except OSError:
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
 
 
 def get(name: str = "treewatch") -> Any:

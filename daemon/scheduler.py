@@ -1,0 +1,349 @@
+"""The daemon's scheduling: events into aggregators, due scopes into scans, the periodic syncs.
+
+One worker task per root: scans of a root run one at a time (in a thread, with the root's own
+database connection), while its watcher keeps feeding the aggregator, so events that arrive
+during a scan wait for the next round instead of being lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import logs
+from daemon.aggregate import Aggregator
+from daemon.config import Config, RootConfig
+from daemon.index import AsyncIndex, Index
+from daemon.logs import MessageId
+from daemon.model import Op, ScanKind, ScanScope
+from daemon.scan import ScanReport, scan
+from daemon.watch import EventKind, RootWatcher, WatchEvent
+
+# How often an offline root is looked at again (its watches are gone with the mount).
+OFFLINE_RECHECK_S = 30.0
+# Errors of one scan shown one by one in the log; the rest are counted in one line.
+ERRORS_LOGGED = 10
+
+
+class LiveProgress:
+    """scan.Progress for the daemon: plain numbers written by the scan thread, read by the loop."""
+
+    def __init__(self) -> None:
+        self.step = "idle"
+        self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
+        self.started = time.monotonic()
+
+    def phase(self, root: bytes, phase: str) -> None:
+        self.step = phase
+        if phase == "walking":
+            self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
+            self.started = time.monotonic()
+
+    def total(self, files: int, nbytes: int) -> None:
+        self.files_total, self.bytes_total = files, nbytes
+        self.started = time.monotonic()
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self.files_done += files
+        self.bytes_done += nbytes
+
+    def describe(self) -> str:
+        if self.step != "hashing" or not self.bytes_total:
+            return self.step
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        rate = self.bytes_done / elapsed
+        pct = 100 * self.bytes_done / self.bytes_total
+        eta = (self.bytes_total - self.bytes_done) / rate if rate else 0
+        return f"hashing {pct:.0f}%, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s"
+
+
+@dataclass(eq=False)
+class RootRuntime:
+    config: RootConfig
+    aggregator: Aggregator
+    index: Index
+    watcher: RootWatcher | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    sleep_until: float = 0.0
+    next_full: float = float("inf")
+    next_poll: float = float("inf")
+    offline: str | None = None
+    scanning: ScanKind | None = None
+    progress: LiveProgress = field(default_factory=LiveProgress)
+    files: int = 0
+
+    @property
+    def path(self) -> bytes:
+        return os.fsencode(self.config.path)
+
+    @property
+    def observer_state(self) -> str:
+        if self.offline:
+            return "offline"
+        return self.watcher.mode if self.watcher is not None else "stopped"
+
+
+class Scheduler:
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.log = logs.get()
+        self.roots: dict[bytes, RootRuntime] = {}
+        self.pool = ThreadPoolExecutor(config.sync.hash_workers, thread_name_prefix="hash")
+        self.db = AsyncIndex(config.database)
+        self.pending_counters: dict[str, int] = {"events": 0, "escalations": 0}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # --- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.db.open()
+        for root in self.config.roots:
+            await self.add_root(root)
+
+    async def add_root(self, root: RootConfig) -> None:
+        index = await asyncio.to_thread(Index, self.config.database)
+        rt = RootRuntime(root, Aggregator(os.fsencode(root.path), self.config.watch), index)
+        self.roots[rt.path] = rt
+        row = index.root(rt.path)
+        assert row is not None
+        now = time.monotonic()
+        interrupted = index.interrupted_scan(row.id)
+        if interrupted is not None:
+            kind, _, done, queued = interrupted
+            self.log.info("resuming an interrupted scan", root=rt.path, kind=kind, files_done=done, files_queued=queued)
+            rt.aggregator.rescan_root(now)
+        elif self.config.sync.startup:
+            rt.aggregator.rescan_root(now)
+        if self.config.sync.full_interval_s > 0:
+            since_last = time.time() - (row.last_full_sync or 0)
+            rt.next_full = now + max(0.0, self.config.sync.full_interval_s - since_last)
+        rt.files = index.totals(row.id)[0]
+        await self._start_watcher(rt)
+        rt.task = asyncio.create_task(self._worker(rt), name=f"root {root.path}")
+
+    async def remove_root(self, path: bytes) -> None:
+        rt = self.roots.pop(path)
+        if rt.watcher is not None:
+            await asyncio.to_thread(rt.watcher.stop)
+        if rt.task is not None:
+            rt.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rt.task
+        rt.index.close()
+        self.log.info("root removed from the configuration; its index is kept", root=path)
+
+    async def reload(self, config: Config) -> None:
+        """Apply a new configuration: roots added or removed, windows changed, no restart."""
+        old = self.config
+        self.config = config
+        wanted = {os.fsencode(r.path): r for r in config.roots}
+        for path in list(self.roots):
+            if path not in wanted or wanted[path] != self.roots[path].config:
+                await self.remove_root(path)
+        for path, root in wanted.items():
+            if path not in self.roots:
+                await self.add_root(root)
+        if config.watch != old.watch:
+            for rt in self.roots.values():
+                # A new window applies to what arrives from now on; what was pending is covered
+                # by one sync of the root rather than dropped.
+                rt.aggregator = Aggregator(rt.path, config.watch)
+                rt.aggregator.rescan_root(time.monotonic())
+                rt.wake.set()
+        self.log.info("configuration reloaded", roots=len(self.roots), source=config.source)
+
+    async def drain(self) -> None:
+        """SIGTERM: the scans in flight commit their batch and stop; watchers stop."""
+        self.stop.set()
+        for rt in self.roots.values():
+            rt.wake.set()
+        tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for rt in self.roots.values():
+            if rt.watcher is not None:
+                await asyncio.to_thread(rt.watcher.stop)
+            rt.index.close()
+        await self.flush_counters()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # --- events ------------------------------------------------------------------------
+
+    async def _start_watcher(self, rt: RootRuntime) -> None:
+        assert self.loop is not None
+        watcher = RootWatcher(rt.config, self.config.watch, self.loop, lambda ev: self.on_event(rt, ev))
+        rt.watcher = watcher
+        await asyncio.to_thread(watcher.start)
+        rt.next_poll = time.monotonic() + self.config.watch.poll_interval_s
+        self.log.info("watching", root=rt.path, observer=watcher.mode, folders=watcher.watched_dirs)
+
+    def on_event(self, rt: RootRuntime, ev: WatchEvent) -> None:
+        """Runs on the loop thread for every event of a root's watcher."""
+        if self.roots.get(rt.path) is not rt:
+            return  # a watcher of a root removed by a reload
+        now = time.monotonic()
+        agg = rt.aggregator
+        before = agg.escalations
+        self.pending_counters["events"] += 1
+        urgent = False
+        if ev.kind is EventKind.CHANGED and ev.rel is not None:
+            agg.add(ev.rel, now)
+        elif ev.kind is EventKind.CREATED_DIR and ev.rel is not None:
+            agg.add(ev.rel, now, is_dir=True)
+        elif ev.kind is EventKind.DELETED and ev.rel is not None:
+            agg.add(ev.rel, now, deleted=True)
+        elif ev.kind is EventKind.MOVED:
+            agg.add_move(ev.rel, ev.dest, now, is_dir=ev.is_dir)
+        else:
+            urgent = True
+            self._on_watch_problem(rt, ev, now)
+        self.pending_counters["escalations"] += agg.escalations - before
+        if urgent or now + self.config.watch.debounce_s < rt.sleep_until:
+            rt.wake.set()
+
+    def _on_watch_problem(self, rt: RootRuntime, ev: WatchEvent, now: float) -> None:
+        if ev.kind is EventKind.OVERFLOW:
+            self.log.warning("events were lost; full sync scheduled", root=rt.path, reason=ev.detail,
+                             message_id=MessageId.OVERFLOW)  # fmt: skip
+            asyncio.ensure_future(self.db.count_overflow(rt.path))
+        elif ev.kind is EventKind.WATCH_LIMIT:
+            self.log.warning("not every folder can be watched; polling instead", root=rt.path, reason=ev.detail,
+                             message_id=MessageId.WATCH_LIMIT)  # fmt: skip
+            asyncio.ensure_future(self.db.count_overflow(rt.path))
+        elif ev.kind is EventKind.OBSERVER_DIED:
+            self.log.error("the watcher died and was restarted; full sync scheduled", root=rt.path, reason=ev.detail)
+        elif ev.kind is EventKind.INOTIFY_RESTORED:
+            self.log.info("inotify watches placed again; full sync scheduled", root=rt.path)
+        elif ev.kind is EventKind.ROOT_GONE:
+            self.log.warning("the root folder went away; checking it", root=rt.path)
+        rt.aggregator.rescan_root(now)
+
+    # --- scans -------------------------------------------------------------------------
+
+    def _timers(self, rt: RootRuntime, now: float) -> None:
+        interval = self.config.sync.full_interval_s
+        if now >= rt.next_full:
+            self.log.info("periodic full sync", root=rt.path)
+            rt.aggregator.rescan_root(now)
+            rt.next_full = now + interval if interval > 0 else float("inf")
+        if rt.observer_state in ("polling", "offline") and now >= rt.next_poll:
+            rt.aggregator.rescan_root(now)
+            period = self.config.watch.poll_interval_s
+            rt.next_poll = now + (min(period, OFFLINE_RECHECK_S) if rt.offline else period)
+
+    async def _worker(self, rt: RootRuntime) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            self._timers(rt, now)
+            scopes = rt.aggregator.due(now)
+            if scopes:
+                await self._scan(rt, scopes)
+                continue
+            deadlines = [rt.next_full, rt.next_poll if rt.observer_state in ("polling", "offline") else float("inf")]
+            next_due = rt.aggregator.next_due()
+            if next_due is not None:
+                deadlines.append(next_due)
+            rt.sleep_until = min(deadlines)
+            rt.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.wake.wait(), timeout=min(max(rt.sleep_until - now, 0.0), 3600.0))
+
+    async def _scan(self, rt: RootRuntime, scopes: list[ScanScope]) -> None:
+        kind = ScanKind.FULL if any(s.recursive and not s.subtree for s in scopes) else ScanKind.SUBTREE
+        rt.scanning = kind
+        self.log.debug("scan", root=rt.path, scope=" ".join(os.fsdecode(s.subtree) or "/" for s in scopes))
+        try:
+            report = await asyncio.to_thread(
+                scan, rt.index, rt.config, scopes, self.config.sync, progress=rt.progress, stop=self.stop, pool=self.pool
+            )
+        except Exception as e:  # a bug or a database failure must not kill the other roots
+            self.log.exception("scan failed", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
+            rt.aggregator.rescan_root(time.monotonic() + self.config.watch.debounce_s)
+            return
+        finally:
+            rt.scanning = None
+            rt.progress.phase(rt.path, "idle")
+        await self._after_scan(rt, report)
+
+    async def _after_scan(self, rt: RootRuntime, report: ScanReport) -> None:
+        now = time.monotonic()
+        if report.offline:
+            if rt.offline is None:
+                self.log.warning("root is offline: nothing is deleted while it is away", root=rt.path,
+                                 reason=report.offline, message_id=MessageId.ROOT_OFFLINE)  # fmt: skip
+                if rt.watcher is not None:
+                    await asyncio.to_thread(rt.watcher.stop)
+            rt.offline = report.offline
+            rt.next_poll = now + min(self.config.watch.poll_interval_s, OFFLINE_RECHECK_S)
+            return
+        if rt.offline is not None or report.came_online:
+            self.log.info("root is back online", root=rt.path, message_id=MessageId.ROOT_ONLINE)
+            rt.offline = None
+            await self._start_watcher(rt)
+            rt.aggregator.rescan_root(now)  # what changed while the watches were away
+        for path in report.unstable:
+            rt.aggregator.add(path, now)  # changed while hashed: again once it is quiet
+        for path, error in sorted(report.errors.items())[:ERRORS_LOGGED]:
+            self.log.warning("cannot index", root=rt.path, path=rt.path + b"/" + path, reason=error,
+                             message_id=MessageId.SCAN_ERROR)  # fmt: skip
+        if len(report.errors) > ERRORS_LOGGED:
+            self.log.warning("more entries cannot be indexed", root=rt.path, count=len(report.errors) - ERRORS_LOGGED,
+                             message_id=MessageId.SCAN_ERROR)  # fmt: skip
+        changed = {op.value: n for op, n in report.ops.items() if n}
+        if report.kind is ScanKind.FULL and not report.interrupted:
+            rt.files = await asyncio.to_thread(self._count_files, rt)
+            self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
+                          hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED, **changed)  # fmt: skip
+        elif changed:
+            rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
+            self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
+                          **changed)  # fmt: skip
+
+    @staticmethod
+    def _count_files(rt: RootRuntime) -> int:
+        row = rt.index.root(rt.path, create=False)
+        return 0 if row is None else rt.index.totals(row.id)[0]
+
+    # --- what the daemon is doing --------------------------------------------------------
+
+    def activity(self) -> str:
+        busy = [
+            f"{rt.scanning.value} sync of {os.fsdecode(rt.path)} ({rt.progress.describe()})"
+            for rt in self.roots.values()
+            if rt.scanning is not None
+        ]
+        return "; ".join(busy) if busy else "idle"
+
+    def summary(self) -> str:
+        files = sum(rt.files for rt in self.roots.values())
+        offline = sum(1 for rt in self.roots.values() if rt.offline)
+        pending = sum(rt.aggregator.pending for rt in self.roots.values())
+        text = f"{len(self.roots)} roots, {files} files, {pending} pending"
+        if offline:
+            text += f", {offline} offline"
+        return f"{text}; {self.activity()}"
+
+    async def flush_counters(self) -> None:
+        counters, self.pending_counters = self.pending_counters, {"events": 0, "escalations": 0}
+        await self.db.add_counters(counters)
+
+    async def publish(self, pid: int, started_at: float, state: str) -> None:
+        """Write what `status` shows: the daemon's row, each root's pending count and observer."""
+        await self.db.heartbeat(pid, started_at, state, self.activity())
+        for rt in self.roots.values():
+            await self.db.root_runtime(rt.path, pending=rt.aggregator.pending, observer=rt.observer_state)
+        await self.flush_counters()
+
+    def state(self) -> dict[str, Any]:
+        return {"roots": len(self.roots), "activity": self.activity()}

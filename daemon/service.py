@@ -1,0 +1,131 @@
+"""The daemon as a service: sd_notify, signals (SIGHUP reload, SIGTERM drain), the heartbeat.
+
+systemd's notify protocol (sd_notify(3)): READY=1 once the watches are placed and the startup
+sync has started (a first index can take hours; waiting for it would time the unit out),
+STATUS= a one-line summary, WATCHDOG=1 from the event loop at half of WATCHDOG_USEC (a hung
+loop is restarted; a busy hashing thread does not stop the loop from pinging), RELOADING=1
+with MONOTONIC_USEC on SIGHUP, STOPPING=1 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon import logs
+from daemon.config import Config, ConfigError
+from daemon.logs import MessageId
+from daemon.scheduler import Scheduler
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+# How often `status` sees fresh numbers (pending events, activity) from the daemon.
+PUBLISH_EVERY_S = 1.0
+
+
+def notify(message: str) -> None:
+    """sd_notify through systemd-python; a no-op when NOTIFY_SOCKET is not set."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    from systemd import daemon as sd
+
+    sd.notify(message)
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+class DaemonLock:
+    """One daemon per database: an flock on a file beside it, released when the process dies."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + ".lock")
+        self.fd = -1
+
+    def acquire(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            return False
+        return True
+
+
+async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
+    log = logs.get()
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    stopped = asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue()
+    loop.add_signal_handler(signal.SIGTERM, stopped.set)
+    loop.add_signal_handler(signal.SIGINT, stopped.set)
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+
+    scheduler = Scheduler(config, stop)
+    started_at = time.time()
+    pid = os.getpid()
+    await scheduler.start()
+    await scheduler.publish(pid, started_at, "watching")
+    notify("READY=1\nSTATUS=" + scheduler.summary())
+    log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
+             message_id=MessageId.STARTED)  # fmt: skip
+
+    async def heartbeat() -> None:
+        ping = watchdog_interval()
+        last_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if ping is not None and now - last_ping >= ping:
+                notify("WATCHDOG=1")
+                last_ping = now
+            await scheduler.publish(pid, started_at, "watching")
+            notify("STATUS=" + scheduler.summary())
+            await asyncio.sleep(min(PUBLISH_EVERY_S, ping or PUBLISH_EVERY_S))
+
+    async def reloader() -> None:
+        while True:
+            await reloads.get()
+            notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            try:
+                new = reload_config()
+            except ConfigError as e:
+                log.error("the new configuration is invalid; keeping the old one", reason=str(e))
+            else:
+                await scheduler.reload(new)
+            notify("READY=1\nSTATUS=" + scheduler.summary())
+
+    tasks = [asyncio.create_task(heartbeat()), asyncio.create_task(reloader())]
+    await stopped.wait()
+    notify("STOPPING=1\nSTATUS=draining: committing the batch in flight")
+    log.info("stopping: draining scans")
+    await scheduler.drain()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await scheduler.db.heartbeat(pid, started_at, "stopped", "stopped")
+    await scheduler.close()
+    log.info("treewatch stopped", message_id=MessageId.STOPPED)
+    return EXIT_OK
+
+
+def run_daemon(config: Config, reload_config: Callable[[], Config]) -> int:
+    logs.configure(config.log.level, journald=logs.under_journald())
+    lock = DaemonLock(config.database)
+    if not lock.acquire():
+        logs.get().error("another treewatch daemon runs on this database", database=str(config.database))
+        return EXIT_FAILURE
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_serve(config, reload_config))
+    return EXIT_OK
