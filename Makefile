@@ -5,8 +5,8 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := libsystemd-dev pkg-config python3-dev python3-venv gcc rsync b3sum git tar attr
-DEMO_DIR ?= demo/library
-DEMO_DB ?= demo/index.db
+DEMO ?= demo
+TW_DEMO = $(BIN)/treewatch --config $(DEMO)/config.toml
 SEED ?= 1
 DURATION ?= 60
 PYTEST_ARGS ?=
@@ -27,9 +27,16 @@ $(BIN)/.installed: pyproject.toml
 deps: $(BIN)/.installed
 
 run: deps
-	$(BIN)/python -m daemon.demo "$(DEMO_DIR)"
-	$(BIN)/treewatch --db "$(DEMO_DB)" scan --root "$$(realpath $(DEMO_DIR))"
-	$(BIN)/treewatch --db "$(DEMO_DB)" status
+	$(BIN)/python -m daemon.demo "$(DEMO)"
+	$(TW_DEMO) scan
+	$(TW_DEMO) status
+	@echo
+	@echo "Now watching $$(realpath $(DEMO))/library (Ctrl-C stops). In another shell, try:"
+	@echo "  touch $(DEMO)/library/new.jpg; mv $(DEMO)/library/scans $(DEMO)/library/scanned"
+	@echo "  $(TW_DEMO) changes --since 0 | tail"
+	@echo "  $(TW_DEMO) status"
+	@echo
+	$(TW_DEMO) run
 
 lint: deps
 	$(BIN)/ruff check daemon tests bench

@@ -37,10 +37,29 @@ def make_demo(library: Path, files_per_album: int = 60, seed: int = 7) -> int:
     return sum(len(f) for _, _, f in os.walk(library))
 
 
+DEMO_CONFIG = """\
+# Written by `make run`: the demo library, with short windows so changes show up quickly.
+database = "{database}"
+
+[[roots]]
+path = "{library}"
+
+[watch]
+debounce_s = 2.0
+max_delay_s = 30.0
+
+[sync]
+full_interval_s = 3600
+"""
+
+
 def main() -> int:
-    library = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/library")
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "demo").resolve()
+    library = folder / "library"
     count = make_demo(library)
-    print(f"demo library: {library.resolve()} ({count} files)")
+    config = folder / "config.toml"
+    config.write_text(DEMO_CONFIG.format(database=folder / "index.db", library=library))
+    print(f"demo library: {library} ({count} files); configuration: {config}")
     return 0
 
 
