@@ -124,7 +124,9 @@ class Scheduler:
         elif self.config.sync.startup:
             rt.aggregator.rescan_root(now)
         if self.config.sync.full_interval_s > 0:
-            since_last = time.time() - (row.last_full_sync or 0)
+            # Count from the last full sync the database remembers, so a daemon restarted
+            # every few hours still syncs once a day; a root never synced counts from now.
+            since_last = time.time() - (row.last_full_sync or time.time())
             rt.next_full = now + max(0.0, self.config.sync.full_interval_s - since_last)
         rt.files = index.totals(row.id)[0]
         await self._start_watcher(rt)
@@ -265,7 +267,14 @@ class Scheduler:
         self.log.debug("scan", root=rt.path, scope=" ".join(os.fsdecode(s.subtree) or "/" for s in scopes))
         try:
             report = await asyncio.to_thread(
-                scan, rt.index, rt.config, scopes, self.config.sync, progress=rt.progress, stop=self.stop, pool=self.pool
+                scan,
+                rt.index,
+                rt.config,
+                scopes,
+                self.config.sync,
+                progress=rt.progress,
+                stop=self.stop,
+                pool=self.pool,
             )
         except Exception as e:  # a bug or a database failure must not kill the other roots
             self.log.exception("scan failed", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)

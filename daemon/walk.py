@@ -82,6 +82,28 @@ def _error_text(e: OSError) -> str:
     return f"{errno.errorcode.get(e.errno or 0, 'error')}: {e.strerror or e}"
 
 
+def _refresh_own_entry(state: WalkState, root_path: bytes, rel: bytes) -> None:
+    """Compare a folder's own row (times, mode) without listing it.
+
+    Creating, deleting or renaming a child moves its folder's mtime; the watcher reports the
+    child, not the folder (watchdog's synthetic parent events are dropped in watch.py, since
+    listing a folder of 100k files for every write in it would cost work proportional to the
+    folder, not to the change).
+    """
+    entry = state.index.entry(state.root_id, rel)
+    if entry is None:
+        return
+    try:
+        st = fs.lstat(join(root_path, rel))
+    except OSError:
+        return  # gone or unreadable: its own scope (or the parent's) deals with it
+    reason, old_gone = _reason(entry, st)
+    if reason == "metadata" and not old_gone:
+        parent = parent_of(rel)
+        parent_id = state.index.id_of(state.root_id, parent) if parent else 0
+        state.queue(QueueRow(rel, reason, entry.id, parent_id, st, None))
+
+
 def walk_scope(
     state: WalkState,
     root_path: bytes,
@@ -101,6 +123,8 @@ def walk_scope(
             scope = ScanScope(scope.root, rel, True)
         if excluded.any_component(rel):
             return
+        if parent:
+            _refresh_own_entry(state, root_path, parent)
         entry = index.entry(root_id, rel)
         try:
             st = fs.lstat(join(root_path, rel))

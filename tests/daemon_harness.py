@@ -1,0 +1,127 @@
+"""A real treewatch daemon in a subprocess, with short windows, and ways to wait for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.oracle import diff, expected, indexed
+
+FAST = {"debounce_s": 0.2, "max_delay_s": 2.0, "poll_interval_s": 1.0}
+
+
+def write_config(path: Path, db: Path, roots: list[Path], *, watch: dict[str, Any] | None = None,
+                 sync: dict[str, Any] | None = None, observer: str = "auto") -> Path:  # fmt: skip
+    lines = [f'database = "{db}"']
+    for root in roots:
+        lines += ["[[roots]]", f'path = "{root}"', f'observer = "{observer}"']
+    lines.append("[watch]")
+    lines += [f"{k} = {v}" for k, v in {**FAST, **(watch or {})}.items()]
+    lines.append("[sync]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in {"full_interval_s": 0, **(sync or {})}.items()]
+    lines += ["[log]", 'level = "debug"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Daemon:
+    config: Path
+    db: Path
+    roots: list[Path]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(self.config), "run"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        self.wait(lambda: (s := self.status()) is not None and s["daemon"] is not None, 30, "the daemon to start")
+        return self
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any] | None:
+        result = self.cli("status", "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def mismatches(self) -> list[str]:
+        problems: list[str] = []
+        for root in self.roots:
+            problems += diff(expected(root), indexed(self.db, root))
+        return problems
+
+    def quiet(self) -> bool:
+        s = self.status()
+        return bool(
+            s is not None
+            and s["daemon"] is not None
+            and s["daemon"]["activity"] == "idle"
+            and all(r["pending"] == 0 and r["state"] != "scanning" for r in s["roots"])
+        )
+
+    def wait(self, condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if not self.alive():
+                raise AssertionError(f"daemon exited ({self.proc and self.proc.returncode}) waiting for {what}:\n"
+                                     + self.log()[-4000:])  # fmt: skip
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n" + self.log()[-4000:])
+            time.sleep(0.1)
+
+    def wait_converged(self, timeout: float = 60) -> None:
+        """The tree is quiet and the index equals the oracle (checked twice, a publish apart)."""
+        last: list[str] = []
+
+        def converged() -> bool:
+            nonlocal last
+            if not self.quiet():
+                return False
+            last = self.mismatches()
+            return not last and self.quiet()
+
+        try:
+            self.wait(converged, timeout, "convergence")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nmismatches: {last[:20]}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0

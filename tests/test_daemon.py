@@ -1,0 +1,164 @@
+"""The running daemon, end to end: real inotify, real files, real programs as event sources.
+
+Every test ends with the index equal to an independent walk of the disk, reached through
+watch events (periodic full syncs are off), and checks the feed for what users rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import Daemon, write_config
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, library: Path) -> Iterator[Daemon]:
+    db = tmp_path / "index.db"
+    config = write_config(tmp_path / "config.toml", db, [library])
+    d = Daemon(config, db, [library], tmp_path / "daemon.log").start()
+    try:
+        d.wait_converged()
+        yield d
+    finally:
+        code = d.stop()
+        assert code == 0, d.log()[-3000:]
+
+
+def changes(d: Daemon, since: int = 0) -> list[dict[str, object]]:
+    out = d.cli("changes", "--since", str(since), "--json").stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def scans(d: Daemon) -> dict[str, int]:
+    s = d.status()
+    assert s is not None
+    return dict(s["counters"]["scans"])
+
+
+def test_file_and_folder_operations_converge_through_events(daemon: Daemon, library: Path) -> None:
+    full_before = scans(daemon)["full"]
+    (library / "a").mkdir()
+    (library / "a" / "one.jpg").write_bytes(b"1" * 1000)
+    (library / "two.jpg").write_bytes(b"2" * 2000)
+    daemon.wait_converged()
+    (library / "two.jpg").write_bytes(b"22" * 2000)  # modified
+    (library / "a" / "one.jpg").rename(library / "a" / "uno.jpg")  # renamed
+    (library / "a" / "sub").mkdir()
+    (library / "a" / "sub" / "deep.bin").write_bytes(os.urandom(50_000))
+    daemon.wait_converged()
+    shutil.rmtree(library / "a" / "sub")  # deleted folder
+    os.chmod(library / "two.jpg", 0o600)  # metadata only
+    daemon.wait_converged()
+    after = scans(daemon)
+    assert after["full"] == full_before, "the watcher, not a full sync, must have found these"
+    assert after["file"] + after["folder"] + after["subtree"] > 0
+    feed = changes(daemon)
+    renamed = [c for c in feed if c["op"] == "renamed"]
+    assert any(str(c["path"]).endswith("a/uno.jpg") and str(c["old_path"]).endswith("a/one.jpg") for c in renamed)
+    assert any(c["op"] == "metadata" and str(c["path"]).endswith("two.jpg") for c in feed)
+
+
+def test_folder_moved_keeps_identity_of_everything_below(daemon: Daemon, library: Path) -> None:
+    tree = library / "2024" / "trip"
+    tree.mkdir(parents=True)
+    for i in range(30):
+        (tree / f"IMG_{i}.jpg").write_bytes(os.urandom(2000))
+    daemon.wait_converged()
+    before = {r["path"]: r["id"] for r in map(json.loads, daemon.cli("ls", "--json").stdout.splitlines())}
+    (library / "2024" / "trip").rename(library / "2024" / "holiday")
+    daemon.wait_converged()
+    after = {r["path"]: r["id"] for r in map(json.loads, daemon.cli("ls", "--json").stdout.splitlines())}
+    for i in range(30):
+        old = str(tree / f"IMG_{i}.jpg")
+        new = str(library / "2024" / "holiday" / f"IMG_{i}.jpg")
+        assert after[new] == before[old]
+
+
+def test_moves_in_and_out_of_the_root(daemon: Daemon, library: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "incoming").mkdir()
+    (outside / "incoming" / "x.jpg").write_bytes(b"x" * 100)
+    (library / "leaving.jpg").write_bytes(b"bye")
+    daemon.wait_converged()
+    (outside / "incoming").rename(library / "incoming")  # moved in: an add
+    (library / "leaving.jpg").rename(outside / "leaving.jpg")  # moved out: a delete
+    daemon.wait_converged()
+    ops = {(c["op"], Path(str(c["path"])).name) for c in changes(daemon)}
+    assert ("added", "x.jpg") in ops
+    assert ("deleted", "leaving.jpg") in ops
+
+
+def test_rsync_into_the_root_records_temp_file_renames(daemon: Daemon, library: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    (source / "album").mkdir(parents=True)
+    for i in range(50):
+        (source / "album" / f"p{i}.jpg").write_bytes(os.urandom(3000))
+    subprocess.run(["rsync", "-a", f"{source}/", f"{library}/"], check=True)
+    daemon.wait_converged()
+    (source / "album" / "p1.jpg").write_bytes(os.urandom(3000))
+    subprocess.run(["rsync", "-a", f"{source}/", f"{library}/"], check=True)
+    daemon.wait_converged()
+
+
+def test_tar_extract_of_thousands_of_files(daemon: Daemon, library: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    for d in range(20):
+        folder = source / f"d{d:02d}"
+        folder.mkdir(parents=True)
+        for f in range(150):
+            (folder / f"f{f:03d}.dat").write_bytes(f"{d}-{f}".encode() * 10)
+    archive = tmp_path / "a.tar"
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(source), "."], check=True)
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(library)], check=True)
+    daemon.wait_converged(timeout=120)
+
+
+def test_git_clone_and_checkout(daemon: Daemon, library: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e"}  # fmt: skip
+    git = ["git", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True, env=env)
+    for i in range(40):
+        (repo / f"file{i}.txt").write_text(f"v1 {i}\n")
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True, env=env)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "one"], check=True, env=env)
+    for i in range(0, 40, 2):
+        (repo / f"file{i}.txt").write_text(f"v2 {i}\n")
+    (repo / "file1.txt").unlink()
+    (repo / "new").mkdir()
+    (repo / "new" / "added.txt").write_text("new\n")
+    subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "two"], check=True, env=env)
+    clone = library / "clone"
+    subprocess.run([*git, "clone", "-q", str(repo), str(clone)], check=True, env=env)
+    daemon.wait_converged(timeout=90)
+    subprocess.run([*git, "-C", str(clone), "checkout", "-q", "HEAD~1"], check=True, env=env)
+    daemon.wait_converged(timeout=90)
+
+
+def test_editor_safe_save_is_recorded_as_a_rename(daemon: Daemon, library: Path) -> None:
+    doc = library / "notes.txt"
+    doc.write_text("draft 1\n")
+    daemon.wait_converged()
+    seq = daemon.status()["seq"]  # type: ignore[index]
+    tmp = library / ".notes.txt.swp-new"
+    with tmp.open("w") as f:
+        f.write("draft 2, longer\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(doc)
+    daemon.wait_converged()
+    feed = changes(daemon, seq)
+    assert feed, "the save must reach the feed"
+    assert all(not str(c["path"]).endswith(".swp-new") or c["op"] in ("added", "renamed", "deleted") for c in feed)
+    content = [c for c in feed if str(c["path"]) == str(doc)]
+    assert content and content[-1]["op"] in ("renamed", "modified")
