@@ -78,6 +78,7 @@ class RootRuntime:
     scanning: ScanKind | None = None
     progress: LiveProgress = field(default_factory=LiveProgress)
     files: int = 0
+    overflows: int = 0  # not yet written to the database
 
     @property
     def path(self) -> bytes:
@@ -218,11 +219,11 @@ class Scheduler:
         if ev.kind is EventKind.OVERFLOW:
             self.log.warning("events were lost; full sync scheduled", root=rt.path, reason=ev.detail,
                              message_id=MessageId.OVERFLOW)  # fmt: skip
-            asyncio.ensure_future(self.db.count_overflow(rt.path))
+            rt.overflows += 1
         elif ev.kind is EventKind.WATCH_LIMIT:
             self.log.warning("not every folder can be watched; polling instead", root=rt.path, reason=ev.detail,
                              message_id=MessageId.WATCH_LIMIT)  # fmt: skip
-            asyncio.ensure_future(self.db.count_overflow(rt.path))
+            rt.overflows += 1
         elif ev.kind is EventKind.OBSERVER_DIED:
             self.log.error("the watcher died and was restarted; full sync scheduled", root=rt.path, reason=ev.detail)
         elif ev.kind is EventKind.INOTIFY_RESTORED:
@@ -313,7 +314,8 @@ class Scheduler:
         if report.kind is ScanKind.FULL and not report.interrupted:
             rt.files = await asyncio.to_thread(self._count_files, rt)
             self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
-                          hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED, **changed)  # fmt: skip
+                          hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED,
+                          **changed)  # fmt: skip
         elif changed:
             rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
             self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
@@ -352,6 +354,9 @@ class Scheduler:
         await self.db.heartbeat(pid, started_at, state, self.activity())
         for rt in self.roots.values():
             await self.db.root_runtime(rt.path, pending=rt.aggregator.pending, observer=rt.observer_state)
+            if rt.overflows:
+                await self.db.count_overflows(rt.path, rt.overflows)
+                rt.overflows = 0
         await self.flush_counters()
 
     def state(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class Daemon:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "daemon", "--config", str(self.config), *args],
-            capture_output=True, text=True, timeout=120,
+            check=False, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 
     def status(self) -> dict[str, Any] | None:
