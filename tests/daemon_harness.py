@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,12 +39,14 @@ class Daemon:
     roots: list[Path]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # e.g. ["unshare", "-U", "-r", ...]
     proc: subprocess.Popen[bytes] | None = None
+    peak_rss_kb: int = 0
 
     def start(self) -> Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(self.config), "run"],
+            [*self.prefix, sys.executable, "-m", "daemon", "--config", str(self.config), "run"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
@@ -85,6 +88,7 @@ class Daemon:
     def wait(self, condition: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
+            self.peak_rss_kb = max(self.peak_rss_kb, self.rss_kb())
             if not self.alive():
                 raise AssertionError(f"daemon exited ({self.proc and self.proc.returncode}) waiting for {what}:\n"
                                      + self.log()[-4000:])  # fmt: skip
@@ -120,8 +124,15 @@ class Daemon:
         return self.proc.returncode
 
     def rss_kb(self) -> int:
+        """The daemon's resident memory (the python process, also when started under a prefix)."""
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total = max(total, int(line.split()[1]))
+        return total

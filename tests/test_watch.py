@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,11 @@ import pytest
 
 from daemon.config import RootConfig, WatchConfig
 from daemon.watch import EventKind, RootWatcher, WatchEvent, _Emitter, uses_polling
+from tests.conftest import MAX_QUEUED, lowered_queue
 
 REPO = Path(__file__).resolve().parents[1]
 CHANGED, DELETED, CREATED_DIR, MOVED = EventKind.CHANGED, EventKind.DELETED, EventKind.CREATED_DIR, EventKind.MOVED
-MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 USERNS_WATCHES = "/proc/sys/user/max_inotify_watches"
-QUEUE_LOCK = "/tmp/treewatch-max_queued_events.lock"
 
 
 @dataclass
@@ -98,23 +96,6 @@ async def watching(
         assert run.off_loop == []
         left = [t.name for t in threading.enumerate() if t.name.startswith("treewatch") and str(root) in t.name]
         assert left == []
-
-
-@contextlib.contextmanager
-def lowered_queue(limit: int) -> Iterator[None]:
-    """fs.inotify.max_queued_events applies per instance at inotify_init: lower it just for that.
-
-    It is global, so concurrent test runs take a lock first: otherwise one could read another's
-    lowered value as the "original" and leave the machine with a 16-event queue.
-    """
-    with open(QUEUE_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        original = MAX_QUEUED.read_text()
-        MAX_QUEUED.write_text(str(limit))
-        try:
-            yield
-        finally:
-            MAX_QUEUED.write_text(original)
 
 
 def b(path: Path) -> bytes:
