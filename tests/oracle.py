@@ -53,7 +53,9 @@ def expected(root: Path | bytes, exclude_names: tuple[bytes, ...] = ()) -> dict[
     return out
 
 
-def cli(db: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    db: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `treewatch --db DB ARGS...` as a user would, with the test's interpreter."""
     return subprocess.run(
         [sys.executable, "-m", "daemon", "--db", str(db), *args],
