@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from rich.filesize import decimal as human_bytes
 
-from daemon import __version__, logs, queries
+from daemon import __version__, logs, metrics, queries
 from daemon.config import Config, ConfigError, RootConfig, load, locate
 from daemon.index import Index, IndexError_
 from daemon.model import Op, ScanScope, is_within
@@ -54,6 +54,7 @@ def build_parser() -> Parser:
     s.add_argument("paths", nargs="*", type=Path, metavar="PATH")
     st = sub.add_parser("status", help="roots, daemon activity and counters")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
     ls = sub.add_parser("ls", help="indexed entries")
     ls.add_argument("path", nargs="?", type=Path, metavar="PATH")
     ls.add_argument("--json", action="store_true", help="JSON lines")
@@ -61,6 +62,7 @@ def build_parser() -> Parser:
     ch.add_argument("--since", type=int, required=True, metavar="SEQ")
     ch.add_argument("--json", action="store_true", help="JSON lines")
     sub.add_parser("check-config", help="validate the configuration and exit")
+    tools_cli.add_parsers(sub)  # dupes, verify, rebuild (issue 6)
     return p
 
 
@@ -173,6 +175,9 @@ def print_json_lines(rows: Any) -> None:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     index = open_index(config, readonly=True)
+    if args.prometheus:
+        sys.stdout.write(metrics.render(index, config))
+        return EXIT_OK
     data = queries.status(index, config)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -185,6 +190,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             line += f" ({r['offline_reason']})"
         line += f", {r['files']} files, {r['dirs']} folders, {human_bytes(r['bytes'])}"
         line += f", last full sync {r['last_full_sync'] or 'never'}, {r['pending']} pending, {r['overflows']} overflows"
+        if r["corrupt"]:
+            line += f", {r['corrupt']} corrupt (see `treewatch verify`)"
         print(line)
         if r["scan"]:
             s = r["scan"]
@@ -253,6 +260,11 @@ COMMANDS: dict[str, Any] = {
     "changes": cmd_changes,
     "check-config": cmd_check_config,
 }
+
+# The library tools (issue 6) live in their own module, which imports this one's helpers.
+from daemon import tools_cli  # noqa: E402
+
+COMMANDS.update(tools_cli.COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,12 +50,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    textfile: Path | None = None  # node_exporter's textfile collector; None: not written
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: Path = DEFAULT_DATABASE
     roots: tuple[RootConfig, ...] = ()
     watch: WatchConfig = field(default_factory=WatchConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "(defaults)"  # where it was read from, for messages
 
     def with_overrides(self, database: Path | None, roots: Sequence[Path]) -> Config:
@@ -125,7 +132,7 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 def parse(doc: Mapping[str, Any], source: str) -> Config:
     """Build a Config from a parsed TOML document; every problem names its key and file."""
-    _no_unknown(doc, {"database", "roots", "watch", "sync", "log"}, source)
+    _no_unknown(doc, {"database", "roots", "watch", "sync", "log", "metrics"}, source)
     database = Path(_typed(doc, "database", str, source, str(DEFAULT_DATABASE)))
     if not database.is_absolute():
         raise ConfigError(f"{source}: database: {str(database)!r} is not an absolute path")
@@ -189,7 +196,26 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
     if level not in LOG_LEVELS:
         raise ConfigError(f"{where}.level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
 
-    return Config(database=database, roots=tuple(roots), watch=watch, sync=sync, log=LogConfig(level), source=source)
+    metrics = _metrics(_section(doc, "metrics", source), f"{source}: metrics")
+    return Config(
+        database=database,
+        roots=tuple(roots),
+        watch=watch,
+        sync=sync,
+        log=LogConfig(level),
+        metrics=metrics,
+        source=source,
+    )
+
+
+def _metrics(table: Mapping[str, Any], where: str) -> MetricsConfig:
+    _no_unknown(table, {f.name for f in dataclasses.fields(MetricsConfig)}, where)
+    raw = _typed(table, "textfile", str, where, None)
+    if raw is not None and not os.path.isabs(raw):
+        raise ConfigError(f"{where}.textfile: {raw!r} is not an absolute path")
+    interval_s = _typed(table, "interval_s", float, where, MetricsConfig().interval_s)
+    _positive(interval_s, f"{where}.interval_s")
+    return MetricsConfig(textfile=Path(raw) if raw is not None else None, interval_s=interval_s)
 
 
 def load(path: Path) -> Config:

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 
 from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
+from daemon.rules import HASH_SCHEME
 
 SCHEMA_VERSION = 2
 
@@ -126,7 +127,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE entries ADD COLUMN corrupt_blake3 BLOB;  -- the hash `verify` saw on disk
     CREATE INDEX entries_corrupt ON entries(root_id, path) WHERE corrupt_blake3 IS NOT NULL;
-    CREATE INDEX entries_dupes ON entries(size, blake3, dev, inode)
+    CREATE INDEX entries_dupes ON entries(size, blake3)
         WHERE kind = 'file' AND blake3 IS NOT NULL AND corrupt_blake3 IS NULL;
     CREATE TABLE jobs(
         name TEXT NOT NULL,                  -- verify | rebuild
@@ -157,6 +158,28 @@ class IndexError_(Exception):
 def _entry(row: Sequence[Any]) -> Entry:
     stat = Stat(Kind(row[3]), *row[4:13])
     return Entry(row[0], row[1], row[2], stat, row[13], bool(row[14]), row[15], row[16], row[17], row[18])
+
+
+# A row of ENTRY_COLUMNS as SQLite returns it.
+EntryRow = tuple[Any, ...]
+
+
+def entry_of(row: EntryRow) -> Entry:
+    return _entry(row)
+
+
+def row_unchanged(row: EntryRow, st: Stat) -> bool:
+    """``classify(entry_of(row), st) is Change.NONE``, without building the Entry and its Stat.
+
+    A no-change sync asks this of every entry; building the two frozen dataclasses per row
+    was a third of its time. It must stay equal to `rules.classify`: change both together.
+    """
+    if (row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12]) != (
+        st.size, st.mtime_ns, st.ctime_ns, st.inode, st.dev, st.mode, st.uid, st.gid, st.nlink
+    ) or row[3] != st.kind.value:  # fmt: skip
+        return False
+    # A file is trusted only when hashed, not racily clean and hashed by the current scheme.
+    return st.kind is not Kind.FILE or (not row[14] and row[13] is not None and row[15] >= HASH_SCHEME)
 
 
 def _under(column: str) -> str:
@@ -250,18 +273,21 @@ class Index:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
-        if readonly:
-            if not path.exists():
-                raise IndexError_(f"{path}: no such database (run `treewatch scan` first)")
-            uri = f"file:{path}?mode=ro"
-        else:
-            if not path.parent.is_dir():
-                raise IndexError_(f"{path}: folder {path.parent} does not exist")
-            if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-                raise IndexError_(f"{path}: permission denied (the database must be readable and writable)")
-            if not os.access(path.parent, os.W_OK | os.X_OK):
-                raise IndexError_(f"{path}: folder {path.parent} is not writable (SQLite needs it for its WAL)")
-            uri = f"file:{path}?mode=rwc"
+        try:  # Path.exists/is_dir raise on EACCES (a folder above that the user cannot enter)
+            if readonly:
+                if not path.exists():
+                    raise IndexError_(f"{path}: no such database (run `treewatch scan` first)")
+                uri = f"file:{path}?mode=ro"
+            else:
+                if not path.parent.is_dir():
+                    raise IndexError_(f"{path}: folder {path.parent} does not exist")
+                if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+                    raise IndexError_(f"{path}: permission denied (the database must be readable and writable)")
+                if not os.access(path.parent, os.W_OK | os.X_OK):
+                    raise IndexError_(f"{path}: folder {path.parent} is not writable (SQLite needs it for its WAL)")
+                uri = f"file:{path}?mode=rwc"
+        except OSError as e:
+            raise IndexError_(f"{path}: cannot be reached: {e.strerror or e}") from None
         try:
             # The database is created without world bits: it lists every file of the library.
             old_umask = os.umask(0o027)
@@ -271,11 +297,14 @@ class Index:
                 os.umask(old_umask)
             self.db.execute("PRAGMA busy_timeout = 60000")
             if not readonly:
+                # Migrate (which refuses a foreign or newer database) before switching to WAL:
+                # journal_mode = WAL rewrites the file's header, and a database that is not
+                # ours must be left byte for byte as it was.
+                self._migrate()
                 self.db.execute("PRAGMA journal_mode = WAL")
                 # NORMAL in WAL mode loses at most the last transactions on power loss, never
                 # consistency; the next scan finds what they held on disk again.
                 self.db.execute("PRAGMA synchronous = NORMAL")
-                self._migrate()
             else:
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -367,6 +396,13 @@ class Index:
         ).fetchall()
         return {row[2]: _entry(row) for row in rows}
 
+    def children_rows(self, root_id: int, parent_id: int) -> dict[bytes, EntryRow]:
+        """`children` as raw rows, for the walk: see `row_unchanged` and `entry_of`."""
+        rows = self.db.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = ? AND parent_id = ?", (root_id, parent_id)
+        ).fetchall()
+        return {row[2]: row for row in rows}
+
     def entries_under(self, root_id: int, path: bytes) -> Iterator[Entry]:
         """Entries at or below a root-relative path (b"" is the whole root), in path order."""
         if path:
@@ -448,6 +484,10 @@ class Index:
             self.db.execute("DELETE FROM scan_queue WHERE scan_id = ?", (scan_id,))
             self.db.execute("DELETE FROM scan_gone WHERE scan_id = ?", (scan_id,))
             self.db.execute("UPDATE scans SET state = 'replaced', finished_at = ? WHERE id = ?", (time.time(), scan_id))
+
+    def unpark(self, root_id: int) -> None:
+        with self.transaction():
+            self._unpark(root_id)
 
     def _unpark(self, root_id: int) -> None:
         """Put back rows an interrupted scan parked; one whose path was taken meanwhile is gone."""
@@ -534,18 +574,25 @@ class Index:
         by a's and c arrives as a new entry: b's identity and feed history are lost and c
         is hashed again.
         """
+        # CROSS JOIN fixes the join order (SQLite's rule): from the few gone or displaced rows,
+        # to their entry, to the queue by (scan_id, inode). Left to itself, the planner put
+        # the whole queue outside and scanned the queue again inside it: quadratic, minutes
+        # for a first index of 20k files. Ties on the new path go to the lowest entry id.
         rows = self.db.execute(
             """SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
-               FROM scan_gone g JOIN entries e ON e.id = g.entry_id
-               JOIN scan_queue q ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev AND q.kind = e.kind
+               FROM scan_gone g CROSS JOIN entries e ON e.id = g.entry_id
+               CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
+                    ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev
+                    AND q.kind = e.kind
                WHERE g.scan_id = :s AND q.reason != 'metadata'
                UNION ALL
                SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
-               FROM scan_queue c JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
-               JOIN scan_queue q ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev AND q.kind = e.kind
-                    AND q.path != c.path
+               FROM scan_queue c CROSS JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
+               CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
+                    ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev
+                    AND q.kind = e.kind AND q.path != c.path
                WHERE c.scan_id = :s AND c.reason = 'content' AND q.reason != 'metadata'
-               ORDER BY 1""",
+               ORDER BY 1, 2""",
             {"s": scan_id},
         ).fetchall()
         taken_new: set[bytes] = set()
@@ -574,12 +621,22 @@ class Index:
         """The queue in path order (a folder before what it holds), read in chunks."""
         after = b""
         first = True
+        columns = "path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink"
         while True:
-            rows = self.db.execute(
-                "SELECT path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid,"
-                " nlink, renamed_from FROM scan_queue WHERE scan_id = ? AND (? OR path > ?) ORDER BY path LIMIT ?",
-                (scan_id, first, after, chunk),
-            ).fetchall()
+            # Two statements, not one with "(? OR path > ?)": that form cannot seek to `after`,
+            # so each page re-read the queue from its start (quadratic in the queue's length).
+            rows = (
+                self.db.execute(
+                    f"SELECT {columns}, renamed_from FROM scan_queue WHERE scan_id = ? ORDER BY path LIMIT ?",
+                    (scan_id, chunk),
+                ).fetchall()
+                if first
+                else self.db.execute(
+                    f"SELECT {columns}, renamed_from FROM scan_queue WHERE scan_id = ? AND path > ?"
+                    " ORDER BY path LIMIT ?",
+                    (scan_id, after, chunk),
+                ).fetchall()
+            )
             for r in rows:
                 yield QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14])
             if len(rows) < chunk:
@@ -595,6 +652,10 @@ class Index:
             (scan_id,),
         ).fetchone()
         return int(row[0]), int(row[1])
+
+    def any_gone(self, scan_id: int) -> bool:
+        """Whether the scan marked anything gone (step 2 only removes such marks, never adds)."""
+        return self.db.execute("SELECT 1 FROM scan_gone WHERE scan_id = ? LIMIT 1", (scan_id,)).fetchone() is not None
 
     def gone_with_hash(self, scan_id: int, blake3: bytes, size: int, exclude: set[int]) -> tuple[int, bytes] | None:
         """A gone file with this content: the rename rule's last resort."""
@@ -616,9 +677,28 @@ class Index:
         ).fetchall()
         return [(r[0], r[1], Kind(r[2])) for r in rows]
 
+    def queued_row(self, scan_id: int, path: bytes) -> QueueRow | None:
+        """One row of a scan's queue, if it is still queued."""
+        r = self.db.execute(
+            "SELECT path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid,"
+            " nlink, renamed_from FROM scan_queue WHERE scan_id = ? AND path = ?",
+            (scan_id, path),
+        ).fetchone()
+        return None if r is None else QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14])
+
     def id_of(self, root_id: int, path: bytes) -> int | None:
         row = self.db.execute("SELECT id FROM entries WHERE root_id = ? AND path = ?", (root_id, path)).fetchone()
         return None if row is None else int(row[0])
+
+    def stale_links(self, root_id: int, path: bytes, st: Stat) -> list[bytes]:
+        """Other names of this file (hard links) whose row no longer matches its fresh stat."""
+        rows = self.db.execute(
+            "SELECT path, size, mtime_ns, ctime_ns, nlink, mode FROM entries"
+            " WHERE inode = ? AND root_id = ? AND dev = ? AND kind = 'file' AND path != ?",
+            (st.inode, root_id, st.dev, path),
+        ).fetchall()
+        fresh = (st.size, st.mtime_ns, st.ctime_ns, st.nlink, st.mode)
+        return [bytes(r[0]) for r in rows if tuple(r[1:]) != fresh and not bytes(r[0]).startswith(b"\x00")]
 
     # --- writing -----------------------------------------------------------------------
 
@@ -765,30 +845,28 @@ class Index:
     # Appended as one section so the engine's methods above stay as they are.
 
     def dupe_groups(self, min_size: int, root_id: int | None = None, path: bytes = b"") -> list[DupeRow]:
-        """Files sharing (size, blake3) over more than one inode, largest waste first.
+        """Every file of each (size, blake3) that more than one indexed file has, in no order.
 
-        Hard links (one dev+inode under several names) are one copy. Entries marked corrupt
-        are left out: their indexed hash no longer describes what is on disk.
+        Two steps over ``entries_dupes`` (size first, so ``min_size`` is a range): the groups
+        of two or more names, then their members by index lookup. Telling hard links apart
+        (same dev+inode) is the caller's; entries marked corrupt are left out, their indexed
+        hash no longer describes what is on disk.
         """
         scope = ""
         params: dict[str, Any] = {"min": min_size}
         if root_id is not None:
-            scope = " AND root_id = :r" + (f" AND {_under('path')}" if path else "")
+            scope = " AND {t}root_id = :r" + (f" AND {_under('{t}path')}" if path else "")
             params.update({"r": root_id, **_bounds(path)})
         rows = self.db.execute(
-            f"""WITH files AS (
-                    SELECT root_id, path, size, blake3, dev, inode FROM entries
-                    WHERE kind = 'file' AND blake3 IS NOT NULL AND corrupt_blake3 IS NULL AND size >= :min{scope}),
-                groups AS (
-                    SELECT size, blake3, count(*) AS copies FROM (SELECT DISTINCT size, blake3, dev, inode FROM files)
-                    GROUP BY size, blake3 HAVING count(*) > 1)
-                SELECT g.size, g.blake3, g.copies, r.path, f.path, f.dev, f.inode
-                FROM groups g JOIN files f ON f.size = g.size AND f.blake3 = g.blake3
-                JOIN roots r ON r.id = f.root_id
-                ORDER BY g.size * (g.copies - 1) DESC, g.size DESC, g.blake3, f.dev, f.inode, r.path, f.path""",
+            "WITH g AS (SELECT size, blake3 FROM entries WHERE kind = 'file' AND blake3 IS NOT NULL"
+            f" AND corrupt_blake3 IS NULL AND size >= :min{scope.format(t='')} GROUP BY size, blake3"
+            " HAVING count(*) > 1)"
+            " SELECT g.size, g.blake3, r.path, e.path, e.dev, e.inode FROM g"
+            " JOIN entries e ON e.size = g.size AND e.blake3 = g.blake3 JOIN roots r ON r.id = e.root_id"
+            f" WHERE e.kind = 'file' AND e.corrupt_blake3 IS NULL{scope.format(t='e.')}",
             params,
         ).fetchall()
-        return [DupeRow(*r) for r in rows]
+        return rows
 
     def corrupt_ids(self, root_id: int) -> set[int]:
         return {
@@ -940,17 +1018,9 @@ class Index:
         return stored
 
 
-@dataclass(frozen=True, slots=True)
-class DupeRow:
-    """One file of a duplicate group, with its group's (size, blake3, distinct inodes)."""
-
-    size: int
-    blake3: bytes
-    copies: int
-    root: bytes
-    path: bytes
-    dev: int
-    inode: int
+# One file of a duplicate group: size, blake3, root path, path in the root, dev, inode.
+# A plain tuple: `dupes` reads hundreds of thousands of them and a class costs a second.
+DupeRow = tuple[int, bytes, bytes, bytes, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1028,8 +1098,8 @@ class AsyncIndex:
     async def root_runtime(self, path: bytes, *, pending: int, observer: str) -> None:
         await self._write("UPDATE roots SET pending = ?, observer = ? WHERE path = ?", (pending, observer, path))
 
-    async def count_overflow(self, path: bytes) -> None:
-        await self._write("UPDATE roots SET overflows = overflows + 1 WHERE path = ?", (path,))
+    async def count_overflows(self, path: bytes, n: int) -> None:
+        await self._write("UPDATE roots SET overflows = overflows + ? WHERE path = ?", (n, path))
 
     async def add_counters(self, counters: dict[str, int]) -> None:
         assert self.db is not None

@@ -64,6 +64,7 @@ def status(index: Index, config: Config) -> dict[str, Any]:
                 "pending": root.pending,
                 "errors": [{"path": os.fsdecode(join(root.path, p)), "error": e} for p, e in index.errors(root.id)],
                 "overflows": root.overflows,
+                "corrupt": index.corrupt_count(root.id),  # marked by `verify` (issue 6)
                 "scan": None
                 if scan is None
                 else {
@@ -120,8 +121,9 @@ def listing(index: Index, paths: Sequence[tuple[bytes, bytes]]) -> Iterator[dict
         root = index.root(root_path, create=False)
         if root is None:
             continue
+        corrupt = index.corrupt_ids(root.id)  # marked by `verify` (issue 6)
         for entry in index.entries_under(root.id, rel):
-            yield entry_json(root_path, entry)
+            yield {**entry_json(root_path, entry), "corrupt": entry.id in corrupt}
 
 
 def changes(index: Index, since: int) -> Iterator[dict[str, Any]]:
