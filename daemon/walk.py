@@ -10,11 +10,12 @@ import errno
 import fnmatch
 import os
 import re
+import stat as stat_mod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon import fs
-from daemon.index import Index, QueueRow
+from daemon.index import Index, QueueRow, entry_of, row_unchanged
 from daemon.model import Entry, Kind, ScanScope, Stat, join, name_of, parent_of
 from daemon.rules import Change, classify
 
@@ -24,10 +25,13 @@ class Excluder:
 
     def __init__(self, patterns: Sequence[str]) -> None:
         self.regexes = [re.compile(os.fsencode(fnmatch.translate(p))) for p in patterns]
+        # All patterns as one alternation: two matches per entry instead of two per pattern.
+        self.combined = re.compile(b"|".join(b"(?:" + r.pattern + b")" for r in self.regexes)) if patterns else None
 
     def __call__(self, rel: bytes) -> bool:
-        name = name_of(rel)
-        return any(r.match(name) or r.match(rel) for r in self.regexes)
+        if self.combined is None:  # asked of every entry a walk sees
+            return False
+        return self.combined.match(name_of(rel)) is not None or self.combined.match(rel) is not None
 
     def any_component(self, rel: bytes) -> bool:
         parts = rel.split(b"/")
@@ -123,6 +127,19 @@ def walk_scope(
             scope = ScanScope(scope.root, rel, True)
         if excluded.any_component(rel):
             return
+        # lstat(root/a/b) follows a symlink at a: a scope below a folder that is now a symlink
+        # (or a file) would index what lies outside the root. Start at that component instead.
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            ancestor = b"/".join(parts[:i])
+            try:
+                is_dir = stat_mod.S_ISDIR(os.lstat(join(root_path, ancestor)).st_mode)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                rel, parent = ancestor, parent_of(ancestor)
+                scope = ScanScope(scope.root, rel, True)
+                break
         if parent:
             _refresh_own_entry(state, root_path, parent)
         entry = index.entry(root_id, rel)
@@ -167,13 +184,19 @@ def walk_scope(
             # Unreadable is not empty: what the index holds below it stays.
             state.errors[dir_rel] = _error_text(e)
             continue
-        indexed = index.children(root_id, dir_id) if dir_id is not None else {}
+        indexed = index.children_rows(root_id, dir_id) if dir_id is not None else {}
         for name, st in sorted(listing.children):
             child = dir_rel + b"/" + name if dir_rel else name
             if excluded(child):
                 continue
             state.seen += 1
-            entry = indexed.pop(child, None)
+            row = indexed.pop(child, None)
+            if row is not None and row_unchanged(row, st):
+                # The common case of a sync, decided without building the Entry (see row_unchanged).
+                if recursive and st.kind is Kind.DIR:
+                    stack.append((child, row[0], st, True))
+                continue
+            entry = None if row is None else entry_of(row)
             reason, old_gone = _reason(entry, st)
             if old_gone:
                 state.mark_gone(child)

@@ -1,0 +1,63 @@
+"""In-process access to the real engine for fast tests (the same code the CLI runs).
+
+``rows`` reads the index through ``queries.listing`` (what `ls --json` prints) into the
+oracle's shape; ``replay`` applies the change feed from seq 0 to an empty set of paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon import queries
+from daemon.config import RootConfig, SyncConfig
+from daemon.index import Index
+from daemon.model import ScanScope
+from daemon.scan import ScanReport, scan
+from tests.oracle import Row
+
+
+def run_scan(
+    index: Index,
+    root: Path,
+    *,
+    exclude: Sequence[str] = (),
+    batch_size: int = 1000,
+    subtrees: Sequence[bytes] = (b"",),
+) -> ScanReport:
+    cfg = RootConfig(path=root, exclude=tuple(exclude))
+    rb = os.fsencode(root)
+    return scan(index, cfg, [ScanScope(rb, s) for s in subtrees], SyncConfig(hash_workers=2, batch_size=batch_size))
+
+
+def rows(index: Index, root: Path) -> dict[bytes, Row]:
+    out: dict[bytes, Row] = {}
+    for r in queries.listing(index, [(os.fsencode(root), b"")]):
+        size = r["size"] if r["kind"] != "dir" else 0
+        out[os.fsencode(r["path"])] = (r["kind"], size, r["mtime_ns"], r["inode"], r["blake3"])
+    return out
+
+
+def replay(index: Index) -> set[bytes]:
+    """The set of paths a consumer following the feed from seq 0 ends with."""
+    paths: set[bytes] = set()
+    for c in queries.changes(index, 0):
+        path = os.fsencode(c["path"])
+        if c["op"] == "deleted":
+            assert path in paths, f"feed deletes {path!r}, which it never added (seq {c['seq']})"
+            paths.discard(path)
+        elif c["op"] == "renamed":
+            old = os.fsencode(c["old_path"])
+            assert old in paths, f"feed renames from {old!r}, which it does not hold (seq {c['seq']})"
+            paths.discard(old)
+            paths.add(path)
+        elif c["op"] == "added":
+            paths.add(path)
+        else:
+            assert path in paths, f"feed {c['op']} {path!r}, which it never added (seq {c['seq']})"
+    return paths
+
+
+def counters(index: Index) -> dict[str, int]:
+    return index.counters()
