@@ -12,6 +12,7 @@ from typing import Any
 from daemon.config import Config
 from daemon.index import Index
 from daemon.model import Entry, RootState, join
+from daemon.rebuild import rebuild_status
 
 # The daemon refreshes its row at least this often; an older row is a daemon that died.
 DAEMON_STALE_S = 120.0
@@ -89,8 +90,18 @@ def status(index: Index, config: Config) -> dict[str, Any]:
             "events": c.get("events", 0),
             "escalations": c.get("escalations", 0),
         },
+        "rebuild": _rebuild(index),
         "seq": index.last_seq(),
     }
+
+
+def _rebuild(index: Index) -> dict[str, Any] | None:
+    """What `rebuild` (or the daemon after an upgrade) has left to do; None when nothing."""
+    r = rebuild_status(index)
+    if not r.pending_files and r.started_at is None:
+        return None
+    return {"pending_files": r.pending_files, "pending_bytes": r.pending_bytes, "done_files": r.done_files,
+            "done_bytes": r.done_bytes, "started_at": iso(r.started_at)}  # fmt: skip
 
 
 def entry_json(root: bytes, e: Entry) -> dict[str, Any]:

@@ -20,7 +20,8 @@ NETWORK_GRANULARITY_NS = 1_000_000_000
 LOCAL_GRANULARITY_NS = 100_000_000
 
 # Bumped when what the index derives from a file's content changes (see PhotoStructure's
-# sync vs rebuild); entries with a lower scheme are re-hashed by the next scan.
+# sync vs rebuild). Entries with a lower scheme are `rebuild`'s work, not the scan's: the
+# scan follows the filesystem, and re-deriving unchanged content must not touch the feed.
 HASH_SCHEME = 1
 
 
@@ -54,7 +55,7 @@ def classify(indexed: Entry, now: Stat) -> Change:
     if now.kind is Kind.FILE:
         if old.size != now.size or old.mtime_ns != now.mtime_ns or old.inode != now.inode:
             return Change.CONTENT
-        if indexed.racy or indexed.blake3 is None or indexed.scheme < HASH_SCHEME:
+        if indexed.racy or indexed.blake3 is None:
             return Change.CONTENT
     elif now.kind is Kind.SYMLINK and (old.inode != now.inode or old.mtime_ns != now.mtime_ns):
         return Change.CONTENT  # a symlink cannot be rewritten in place: a new one has a new target

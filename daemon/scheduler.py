@@ -21,7 +21,10 @@ from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.index import AsyncIndex, Index
 from daemon.logs import MessageId
+from daemon.metrics import write_textfile
 from daemon.model import Op, ScanKind, ScanScope
+from daemon.rebuild import needs_rebuild, rebuild
+from daemon.rules import HASH_SCHEME
 from daemon.scan import ScanReport, scan
 from daemon.watch import EventKind, RootWatcher, WatchEvent
 
@@ -101,6 +104,9 @@ class Scheduler:
         self.db = AsyncIndex(config.database)
         self.pending_counters: dict[str, int] = {"events": 0, "escalations": 0}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.rebuild_task: asyncio.Task[None] | None = None
+        self.metrics_task: asyncio.Task[None] | None = None
+        self.rebuilding = False
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -109,6 +115,8 @@ class Scheduler:
         await self.db.open()
         for root in self.config.roots:
             await self.add_root(root)
+        self.rebuild_task = asyncio.create_task(self._rebuild(), name="rebuild")
+        self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -169,7 +177,10 @@ class Scheduler:
         self.stop.set()
         for rt in self.roots.values():
             rt.wake.set()
+        if self.metrics_task is not None:
+            self.metrics_task.cancel()  # it only sleeps between writes; a rebuild stops at its next batch
         tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
+        tasks += [t for t in (self.rebuild_task, self.metrics_task) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         for rt in self.roots.values():
             if rt.watcher is not None:
@@ -180,6 +191,51 @@ class Scheduler:
 
     async def close(self) -> None:
         await self.db.close()
+
+    # --- background work ---------------------------------------------------------------
+
+    async def _rebuild(self) -> None:
+        """After an upgrade that changed what the index derives, re-derive it by itself."""
+        index = await asyncio.to_thread(Index, self.config.database)
+        try:
+            pending = await asyncio.to_thread(needs_rebuild, index)
+            if not pending:
+                return
+            self.log.info("the index was made by an older hash scheme: rebuilding", files=pending,
+                          reason=f"hash scheme {HASH_SCHEME}")  # fmt: skip
+            self.rebuilding = True
+            report = await asyncio.to_thread(
+                rebuild, index, self.config.sync.batch_size, self.stop, workers=self.config.sync.hash_workers
+            )
+            self.log.info("rebuild finished" if not report.interrupted else "rebuild interrupted; resumes at start",
+                          rebuilt=report.rebuilt, rebuilt_bytes=report.rebuilt_bytes, skipped=report.skipped,
+                          seconds=round(report.seconds, 3))  # fmt: skip
+            for path in report.corrupt[:ERRORS_LOGGED]:
+                self.log.error("content changed while size and mtime did not", path=path,
+                               message_id=MessageId.SCAN_ERROR)  # fmt: skip
+        finally:
+            self.rebuilding = False
+            index.close()
+
+    async def _metrics(self) -> None:
+        """node_exporter's textfile collector, rewritten atomically every interval."""
+        textfile = self.config.metrics.textfile
+        if textfile is None:
+            return
+        index = await asyncio.to_thread(Index, self.config.database)
+        failing = False
+        try:
+            while not self.stop.is_set():
+                try:
+                    await asyncio.to_thread(write_textfile, index, self.config, textfile)
+                    failing = False
+                except OSError as e:
+                    if not failing:  # once per failure streak, not every interval
+                        self.log.warning("cannot write the metrics file", path=str(textfile), reason=str(e))
+                    failing = True
+                await asyncio.sleep(self.config.metrics.interval_s)
+        finally:
+            index.close()
 
     # --- events ------------------------------------------------------------------------
 
@@ -304,6 +360,8 @@ class Scheduler:
             rt.aggregator.rescan_root(now)  # what changed while the watches were away
         for path in report.unstable:
             rt.aggregator.add(path, now)  # changed while hashed: again once it is quiet
+        for path in report.linked:
+            rt.aggregator.add(path, now)  # another name of a file that changed: no event of its own
         for path, error in sorted(report.errors.items())[:ERRORS_LOGGED]:
             self.log.warning("cannot index", root=rt.path, path=rt.path + b"/" + path, reason=error,
                              message_id=MessageId.SCAN_ERROR)  # fmt: skip
@@ -334,6 +392,8 @@ class Scheduler:
             for rt in self.roots.values()
             if rt.scanning is not None
         ]
+        if self.rebuilding:
+            busy.append("rebuilding the index")
         return "; ".join(busy) if busy else "idle"
 
     def summary(self) -> str:

@@ -19,7 +19,7 @@ FAST = {"debounce_s": 0.2, "max_delay_s": 2.0, "poll_interval_s": 1.0}
 
 
 def write_config(path: Path, db: Path, roots: list[Path], *, watch: dict[str, Any] | None = None,
-                 sync: dict[str, Any] | None = None, observer: str = "auto") -> Path:  # fmt: skip
+                 sync: dict[str, Any] | None = None, observer: str = "auto", extra: str = "") -> Path:  # fmt: skip
     lines = [f'database = "{db}"']
     for root in roots:
         lines += ["[[roots]]", f'path = "{root}"', f'observer = "{observer}"']
@@ -28,7 +28,7 @@ def write_config(path: Path, db: Path, roots: list[Path], *, watch: dict[str, An
     lines.append("[sync]")
     lines += [f"{k} = {json.dumps(v)}" for k, v in {"full_interval_s": 0, **(sync or {})}.items()]
     lines += ["[log]", 'level = "debug"']
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 

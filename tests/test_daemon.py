@@ -162,3 +162,49 @@ def test_editor_safe_save_is_recorded_as_a_rename(daemon: Daemon, library: Path)
     assert all(not str(c["path"]).endswith(".swp-new") or c["op"] in ("added", "renamed", "deleted") for c in feed)
     content = [c for c in feed if str(c["path"]) == str(doc)]
     assert content and content[-1]["op"] in ("renamed", "modified")
+
+
+def test_daemon_rebuilds_an_older_scheme_and_writes_metrics(tmp_path: Path, library: Path) -> None:
+    import sqlite3
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for i in range(20):
+        (library / f"f{i}.bin").write_bytes(os.urandom(4096))
+    db = tmp_path / "index.db"
+    textfile = tmp_path / "metrics" / "treewatch.prom"
+    textfile.parent.mkdir()
+    config = write_config(
+        tmp_path / "c.toml", db, [library], extra=f'[metrics]\ntextfile = "{textfile}"\ninterval_s = 0.2\n'
+    )
+    first = Daemon(config, db, [library], tmp_path / "d1.log").start()
+    first.wait_converged()
+    assert first.stop() == 0
+    # What an upgrade to a new hash scheme looks like to the index: rows derived by the old one.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE entries SET scheme = 0 WHERE kind = 'file' AND rowid % 2 = 0")
+        bumped = conn.execute("SELECT count(*) FROM entries WHERE scheme = 0").fetchone()[0]
+    assert bumped > 0
+    before = dict(first.status()["counters"])  # type: ignore[index]
+    seq_before = first.status()["seq"]  # type: ignore[index]
+    second = Daemon(config, db, [library], tmp_path / "d2.log").start()
+    try:
+        target = before["files_hashed"] + bumped
+
+        def rebuilt() -> bool:
+            s = second.status()
+            return s is not None and s["rebuild"] is None and s["counters"]["files_hashed"] >= target
+
+        second.wait(rebuilt, 60, "the rebuild")
+        second.wait_converged()
+        status = second.status()
+        assert status is not None
+        assert status["counters"]["files_hashed"] == before["files_hashed"] + bumped  # exactly those
+        assert status["seq"] == seq_before  # unchanged content: the feed is untouched
+        assert "older hash scheme" in second.log()
+        second.wait(textfile.exists, 10, "the metrics textfile")
+        families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
+        assert "treewatch_files_hashed" in families or "treewatch_files_hashed_total" in families
+        assert oct(textfile.stat().st_mode & 0o777) == "0o644"
+    finally:
+        assert second.stop() == 0
