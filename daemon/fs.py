@@ -8,9 +8,11 @@ an ``open()`` on a FIFO blocks until a writer appears, so files are opened with
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import stat as stat_mod
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import xattr
 
 from daemon.model import Stat
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -55,7 +58,7 @@ def list_dir(path: bytes, expected: Stat | None) -> Listing:
         vanished: list[bytes] = []
         with os.scandir(fd) as it:
             for entry in it:
-                name = os.fsencode(entry.name)
+                name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode, minus its checks
                 try:
                     children.append((name, Stat.of(entry.stat(follow_symlinks=False))))
                 except FileNotFoundError:
@@ -148,3 +151,39 @@ def mount_of(path: bytes, table: list[Mount] | None = None) -> Mount | None:
 def fs_type(path: bytes) -> str:
     m = mount_of(os.path.realpath(path))
     return m.fs_type if m else "unknown"
+
+
+class DaemonLock:
+    """One daemon per database: an flock on a file beside it, released when the process dies.
+
+    It is also how `status` knows a daemon runs, with no heartbeat written to the disk: an
+    idle daemon writes nothing, so the NAS's disks may spin down.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + ".lock")
+        self.fd = -1
+
+    def acquire(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            return False
+        return True
+
+    @staticmethod
+    def held(database: Path) -> bool:
+        """True while a daemon holds the lock of ``database``."""
+        try:
+            fd = os.open(database.with_name(database.name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

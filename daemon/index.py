@@ -1080,6 +1080,8 @@ class AsyncIndex:
     async def open(self) -> None:
         self.db = await aiosqlite.connect(self.path, isolation_level=None, timeout=60)
         await self.db.execute("PRAGMA busy_timeout = 60000")
+        # As for the scanner's connection: WAL with NORMAL syncs at checkpoints, not per write.
+        await self.db.execute("PRAGMA synchronous = NORMAL")
 
     async def close(self) -> None:
         if self.db is not None:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from daemon.config import Config
+from daemon.fs import DaemonLock
 from daemon.index import Index
 from daemon.model import Entry, RootState, join
 from daemon.rebuild import rebuild_status
-
-# The daemon refreshes its row at least this often; an older row is a daemon that died.
-DAEMON_STALE_S = 120.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -34,11 +31,9 @@ def pid_alive(pid: int) -> bool:
 
 def daemon_info(index: Index) -> dict[str, Any] | None:
     row = index.daemon_row()
-    if row is None:
+    if row is None or not DaemonLock.held(index.path):
         return None
-    pid, started_at, state, activity, updated_at = row
-    if state == "stopped" or not pid_alive(pid) or time.time() - updated_at > DAEMON_STALE_S:
-        return None
+    pid, started_at, state, activity, _ = row
     return {"pid": pid, "state": state, "started_at": iso(started_at), "activity": activity}
 
 

@@ -107,6 +107,7 @@ class Scheduler:
         self.rebuild_task: asyncio.Task[None] | None = None
         self.metrics_task: asyncio.Task[None] | None = None
         self.rebuilding = False
+        self.published: tuple[Any, ...] = ()
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -410,14 +411,24 @@ class Scheduler:
         await self.db.add_counters(counters)
 
     async def publish(self, pid: int, started_at: float, state: str) -> None:
-        """Write what `status` shows: the daemon's row, each root's pending count and observer."""
-        await self.db.heartbeat(pid, started_at, state, self.activity())
+        """Write what `status` shows — the daemon's row, each root's pending count and observer —
+        when it changed since the last write: an idle daemon writes nothing (disks spin down)."""
+        snapshot = (
+            state,
+            self.activity(),
+            tuple((rt.aggregator.pending, rt.observer_state) for rt in self.roots.values()),
+        )
+        if snapshot != self.published:
+            await self.db.heartbeat(pid, started_at, state, self.activity())
+            for rt in self.roots.values():
+                await self.db.root_runtime(rt.path, pending=rt.aggregator.pending, observer=rt.observer_state)
+            self.published = snapshot
         for rt in self.roots.values():
-            await self.db.root_runtime(rt.path, pending=rt.aggregator.pending, observer=rt.observer_state)
             if rt.overflows:
                 await self.db.count_overflows(rt.path, rt.overflows)
                 rt.overflows = 0
-        await self.flush_counters()
+        if any(self.pending_counters.values()):
+            await self.flush_counters()
 
     def state(self) -> dict[str, Any]:
         return {"roots": len(self.roots), "activity": self.activity()}

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from daemon import logs
 from daemon.config import Config, ConfigError
+from daemon.fs import DaemonLock
 from daemon.logs import MessageId
 from daemon.scheduler import Scheduler
 
@@ -46,23 +45,6 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6 / 2
 
 
-class DaemonLock:
-    """One daemon per database: an flock on a file beside it, released when the process dies."""
-
-    def __init__(self, database: Path) -> None:
-        self.path = database.with_name(database.name + ".lock")
-        self.fd = -1
-
-    def acquire(self) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            return False
-        return True
-
-
 async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     log = logs.get()
     loop = asyncio.get_running_loop()
@@ -82,17 +64,27 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
              message_id=MessageId.STARTED)  # fmt: skip
 
-    async def heartbeat() -> None:
-        ping = watchdog_interval()
-        last_ping = 0.0
+    async def watchdog(ping: float) -> None:
+        # Its own task, doing nothing but ping: the ping must prove that the loop runs, and
+        # nothing more. It used to share the heartbeat's loop, which awaits database writes;
+        # with another writer holding the lock (busy_timeout is 60 s, as long as WatchdogSec=)
+        # the pings stopped and systemd killed a daemon that was merely waiting.
         while True:
-            now = time.monotonic()
-            if ping is not None and now - last_ping >= ping:
-                notify("WATCHDOG=1")
-                last_ping = now
-            await scheduler.publish(pid, started_at, "watching")
-            notify("STATUS=" + scheduler.summary())
-            await asyncio.sleep(min(PUBLISH_EVERY_S, ping or PUBLISH_EVERY_S))
+            notify("WATCHDOG=1")
+            await asyncio.sleep(ping)
+
+    async def heartbeat() -> None:
+        last_status = ""
+        while True:
+            try:
+                await scheduler.publish(pid, started_at, "watching")
+            except Exception as e:  # a locked or failing database must not end the publishing for good
+                log.warning("cannot publish the daemon's status", reason=str(e))
+            status = "STATUS=" + scheduler.summary()
+            if status != last_status:  # the manager needs no copy of an unchanged line every second
+                notify(status)
+                last_status = status
+            await asyncio.sleep(PUBLISH_EVERY_S)
 
     async def reloader() -> None:
         while True:
@@ -107,6 +99,9 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
             notify("READY=1\nSTATUS=" + scheduler.summary())
 
     tasks = [asyncio.create_task(heartbeat()), asyncio.create_task(reloader())]
+    ping = watchdog_interval()
+    if ping is not None:
+        tasks.append(asyncio.create_task(watchdog(ping)))
     await stopped.wait()
     notify("STOPPING=1\nSTATUS=draining: committing the batch in flight")
     log.info("stopping: draining scans")
