@@ -40,14 +40,16 @@ class JournalRenderer:
     def __init__(self, identifier: str = "treewatch") -> None:
         from systemd import journal
 
-        self.send = journal.send
+        # sendv, not send: send() takes MESSAGE only as str (see _raw) and adds CODE_FILE/LINE,
+        # which would always name this renderer.
+        self.sendv = journal.sendv
         self.identifier = identifier
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         message = str(event.pop("event", ""))
         level = str(event.pop("level", method))
         event.pop("timestamp", None)
-        fields: dict[str, Any] = {
+        fields: dict[str, str | bytes] = {
             "PRIORITY": str(PRIORITIES.get(level, 6)),
             "SYSLOG_IDENTIFIER": self.identifier,
         }
@@ -57,11 +59,22 @@ class JournalRenderer:
         details = []
         for key, value in event.items():
             text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
-            fields[f"TREEWATCH_{key.upper()}"] = text
+            fields[f"TREEWATCH_{key.upper()}"] = _raw(text)
             details.append(f"{key}={text}")
         # The journal's MESSAGE is what `journalctl -u treewatch` shows: keep the facts in it too.
-        self.send(f"{message}: {' '.join(details)}" if details else message, **fields)
+        fields["MESSAGE"] = _raw(f"{message}: {' '.join(details)}" if details else message)
+        self.sendv(*(k.encode() + b"=" + (v if isinstance(v, bytes) else v.encode()) for k, v in fields.items()))
         return ""
+
+
+def _raw(text: str) -> bytes:
+    """The bytes journald stores. Paths reach here os.fsdecode'd: a name that is not UTF-8 holds
+    lone surrogates, which journal.send cannot encode (it raised UnicodeEncodeError and the log
+    call failed in the caller); os.fsencode gives back the exact bytes on disk."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:  # a surrogate that no file name produced: keep it visible
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _plain_values(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -73,6 +86,10 @@ def configure(level: str = "info", *, journald: bool = False, stream: TextIO | N
     """Journald when asked (the daemon under systemd), else console on a TTY, else key=value lines."""
     out = stream or sys.stderr
     processors: list[Any] = [structlog.processors.add_log_level, _plain_values]
+    # log.exception() leaves only exc_info=True in the event: without this the journal got
+    # TREEWATCH_EXC_INFO=True and no traceback at all. (ConsoleRenderer formats it itself.)
+    if journald or not out.isatty():
+        processors.append(structlog.processors.format_exc_info)
     if journald:
         processors.append(JournalRenderer())
         factory: Any = structlog.ReturnLoggerFactory()
