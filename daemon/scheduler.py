@@ -30,8 +30,27 @@ from daemon.watch import EventKind, RootWatcher, WatchEvent
 
 # How often an offline root is looked at again (its watches are gone with the mount).
 OFFLINE_RECHECK_S = 30.0
+# How often a watched root's own folder is checked to still be the one its watches sit on.
+# An unmount that leaves the filesystem mounted elsewhere (a bind mount, a lazy umount of a
+# busy disk) sends inotify nothing: the watches stay on the old inodes and the root would
+# show "online" over an empty mount point forever (torture: bind-mounted tmpfs unmounted).
+ROOT_CHECK_S = 5.0
+# A scan that failed (database full, read-only, locked for a minute) is retried after this
+# delay, doubled for each failure in a row up to the maximum; events keep being collected.
+# It used to be retried after one quiet window, i.e. five full-root rescans a second with
+# the tests' 0.2 s window (torture: database folder on a full tmpfs).
+SCAN_RETRY_S = 1.0
+SCAN_RETRY_MAX_S = 300.0
 # Errors of one scan shown one by one in the log; the rest are counted in one line.
 ERRORS_LOGGED = 10
+
+
+def _identity(path: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class LiveProgress:
@@ -77,11 +96,16 @@ class RootRuntime:
     sleep_until: float = 0.0
     next_full: float = float("inf")
     next_poll: float = float("inf")
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root the watches were placed on
+    next_identity_check: float = float("inf")
+    failures: int = 0  # scans failed in a row
+    retry_after: float = 0.0  # no scan before this (monotonic) after a failure
     offline: str | None = None
     scanning: ScanKind | None = None
     progress: LiveProgress = field(default_factory=LiveProgress)
     files: int = 0
     overflows: int = 0  # not yet written to the database
+    poll_pass: bool = False  # the next full sync is a polling pass, not one an admin alerts on
 
     @property
     def path(self) -> bytes:
@@ -246,6 +270,8 @@ class Scheduler:
         rt.watcher = watcher
         await asyncio.to_thread(watcher.start)
         rt.next_poll = time.monotonic() + self.config.watch.poll_interval_s
+        rt.identity = await asyncio.to_thread(_identity, rt.path)
+        rt.next_identity_check = time.monotonic() + ROOT_CHECK_S
         self.log.info("watching", root=rt.path, observer=watcher.mode, folders=watcher.watched_dirs)
 
     def on_event(self, rt: RootRuntime, ev: WatchEvent) -> None:
@@ -299,6 +325,7 @@ class Scheduler:
             rt.next_full = now + interval if interval > 0 else float("inf")
         if rt.observer_state in ("polling", "offline") and now >= rt.next_poll:
             rt.aggregator.rescan_root(now)
+            rt.poll_pass = True
             period = self.config.watch.poll_interval_s
             rt.next_poll = now + (min(period, OFFLINE_RECHECK_S) if rt.offline else period)
 
@@ -306,18 +333,35 @@ class Scheduler:
         while not self.stop.is_set():
             now = time.monotonic()
             self._timers(rt, now)
-            scopes = rt.aggregator.due(now)
+            if now >= rt.next_identity_check:
+                await self._check_identity(rt, now)
+            scopes = rt.aggregator.due(now) if now >= rt.retry_after else []
             if scopes:
                 await self._scan(rt, scopes)
                 continue
             deadlines = [rt.next_full, rt.next_poll if rt.observer_state in ("polling", "offline") else float("inf")]
+            deadlines.append(rt.next_identity_check)
             next_due = rt.aggregator.next_due()
             if next_due is not None:
-                deadlines.append(next_due)
+                deadlines.append(max(next_due, rt.retry_after))
             rt.sleep_until = min(deadlines)
             rt.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.wake.wait(), timeout=min(max(rt.sleep_until - now, 0.0), 3600.0))
+
+    async def _check_identity(self, rt: RootRuntime, now: float) -> None:
+        rt.next_identity_check = now + ROOT_CHECK_S
+        if rt.offline is not None or rt.watcher is None:
+            return  # an offline root is rechecked by its scans; its watches are already gone
+        current = await asyncio.to_thread(_identity, rt.path)
+        if current == rt.identity:
+            return
+        self.log.warning("the root folder is no longer the one being watched (unmounted or replaced); checking it",
+                         root=rt.path, message_id=MessageId.ROOT_OFFLINE)  # fmt: skip
+        await asyncio.to_thread(rt.watcher.stop)
+        rt.watcher = None  # placed again by _after_scan once the root is found online
+        rt.next_identity_check = float("inf")
+        rt.aggregator.rescan_root(now)
 
     async def _scan(self, rt: RootRuntime, scopes: list[ScanScope]) -> None:
         kind = ScanKind.FULL if any(s.recursive and not s.subtree for s in scopes) else ScanKind.SUBTREE
@@ -336,15 +380,23 @@ class Scheduler:
             )
         except Exception as e:  # a bug or a database failure must not kill the other roots
             self.log.exception("scan failed", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
-            rt.aggregator.rescan_root(time.monotonic() + self.config.watch.debounce_s)
+            rt.failures += 1
+            delay = min(SCAN_RETRY_MAX_S, SCAN_RETRY_S * 2 ** min(rt.failures - 1, 16))
+            rt.retry_after = time.monotonic() + delay
+            self.log.warning("scan will be retried", root=rt.path, retry_in_s=delay, failures=rt.failures)
+            rt.aggregator.rescan_root(time.monotonic())
             return
         finally:
             rt.scanning = None
             rt.progress.phase(rt.path, "idle")
-        await self._after_scan(rt, report)
+        try:
+            await self._after_scan(rt, report)
+        except Exception as e:  # the worker must outlive a failure to log or re-place watches
+            self.log.exception("after a scan", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
 
     async def _after_scan(self, rt: RootRuntime, report: ScanReport) -> None:
         now = time.monotonic()
+        rt.failures = 0
         if report.offline:
             if rt.offline is None:
                 self.log.warning("root is offline: nothing is deleted while it is away", root=rt.path,
@@ -354,6 +406,9 @@ class Scheduler:
             rt.offline = report.offline
             rt.next_poll = now + min(self.config.watch.poll_interval_s, OFFLINE_RECHECK_S)
             return
+        if rt.watcher is None and rt.offline is None and not report.came_online:
+            await self._start_watcher(rt)  # the root's folder was replaced (see _check_identity)
+            rt.aggregator.rescan_root(now)
         if rt.offline is not None or report.came_online:
             self.log.info("root is back online", root=rt.path, message_id=MessageId.ROOT_ONLINE)
             rt.offline = None
@@ -370,7 +425,11 @@ class Scheduler:
             self.log.warning("more entries cannot be indexed", root=rt.path, count=len(report.errors) - ERRORS_LOGGED,
                              message_id=MessageId.SCAN_ERROR)  # fmt: skip
         changed = {op.value: n for op, n in report.ops.items() if n}
-        if report.kind is ScanKind.FULL and not report.interrupted:
+        poll_pass, rt.poll_pass = rt.poll_pass, False
+        if report.kind is ScanKind.FULL and poll_pass and not changed:
+            # A polled root is fully synced every poll_interval_s: 1440 alerts a day otherwise.
+            self.log.debug("polling pass found nothing new", root=rt.path, seconds=round(report.seconds, 3))
+        elif report.kind is ScanKind.FULL and not report.interrupted:
             rt.files = await asyncio.to_thread(self._count_files, rt)
             self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
                           hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED,

@@ -24,6 +24,8 @@ from daemon.logs import MessageId
 from daemon.scheduler import Scheduler
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+# While starting, systemd's start timeout is extended by three of these at a time.
+START_EXTEND_S = 10.0
 # How often `status` sees fresh numbers (pending events, activity) from the daemon.
 PUBLISH_EVERY_S = 1.0
 
@@ -58,7 +60,19 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     scheduler = Scheduler(config, stop)
     started_at = time.time()
     pid = os.getpid()
-    await scheduler.start()
+
+    # Placing inotify watches on a tree of a million folders can outlast TimeoutStartSec=:
+    # while it goes on, ask systemd for more time (sd_notify(3), EXTEND_TIMEOUT_USEC).
+    async def extend_start_timeout() -> None:
+        while True:
+            notify(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_S * 3 * 1e6)}\nSTATUS=placing watches")
+            await asyncio.sleep(START_EXTEND_S)
+
+    extending = asyncio.create_task(extend_start_timeout())
+    try:
+        await scheduler.start()
+    finally:
+        extending.cancel()
     await scheduler.publish(pid, started_at, "watching")
     notify("READY=1\nSTATUS=" + scheduler.summary())
     log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
