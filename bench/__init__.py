@@ -1,0 +1,1 @@
+"""Benchmarks of treewatch against reference tools (`make bench`); see docs/benchmarks.md."""
