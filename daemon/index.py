@@ -21,7 +21,7 @@ import aiosqlite
 from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
 from daemon.rules import HASH_SCHEME
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -141,6 +141,12 @@ MIGRATIONS: tuple[str, ...] = (
         pid INTEGER NOT NULL,
         PRIMARY KEY(name, root_id, scope)
     ) WITHOUT ROWID;
+    """,
+    # 3: entries_dupes (size, blake3) also serves rename matching by content, so the older
+    # (blake3, size) index only cost every insert a second random B-tree update: 0.8 s of
+    # a 6.4 s first index of 100k small files (docs/benchmarks.md).
+    """
+    DROP INDEX IF EXISTS entries_by_hash;
     """,
 )
 
@@ -322,13 +328,17 @@ class Index:
         self.db.close()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise IndexError_(f"{self.path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
-        if version == 0 and self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise IndexError_(f"{self.path}: an SQLite database, but not a treewatch index")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self.transaction():
+        # One write transaction around the check and the migrations: two processes creating
+        # the database at once (the daemon's first start and a `status` beside it) used to
+        # interleave, one seeing the other's new tables with user_version still 0 and calling
+        # the index "not a treewatch index" (torture: database deleted, daemon restarted).
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise IndexError_(f"{self.path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
+            if version == 0 and self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise IndexError_(f"{self.path}: an SQLite database, but not a treewatch index")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target - 1].split(";"):
                     if statement.strip():
                         self.db.execute(statement)
@@ -660,8 +670,10 @@ class Index:
     def gone_with_hash(self, scan_id: int, blake3: bytes, size: int, exclude: set[int]) -> tuple[int, bytes] | None:
         """A gone file with this content: the rename rule's last resort."""
         for entry_id, path in self.db.execute(
-            "SELECT e.id, e.path FROM entries e JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
-            " WHERE e.blake3 = ? AND e.size = ? AND e.kind = 'file' ORDER BY e.path",
+            "SELECT e.id, e.path FROM entries e INDEXED BY entries_dupes"
+            " JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
+            " WHERE e.blake3 = ? AND e.size = ? AND e.kind = 'file' AND e.blake3 IS NOT NULL"
+            " AND e.corrupt_blake3 IS NULL ORDER BY e.path",
             (scan_id, blake3, size),
         ):
             if entry_id not in exclude:
@@ -689,6 +701,19 @@ class Index:
     def id_of(self, root_id: int, path: bytes) -> int | None:
         row = self.db.execute("SELECT id FROM entries WHERE root_id = ? AND path = ?", (root_id, path)).fetchone()
         return None if row is None else int(row[0])
+
+    def other_names(self, root_id: int, entry_ids: Sequence[int]) -> list[bytes]:
+        """The other names (hard links) of these file entries, as the index knows them."""
+        if not entry_ids:
+            return []
+        marks = ",".join("?" * len(entry_ids))
+        rows = self.db.execute(
+            f"SELECT DISTINCT o.path FROM entries e JOIN entries o ON o.inode = e.inode AND o.dev = e.dev"
+            f" AND o.root_id = e.root_id AND o.id != e.id AND o.kind = 'file'"
+            f" WHERE e.id IN ({marks}) AND e.root_id = ? AND e.kind = 'file' AND e.nlink > 1",
+            (*entry_ids, root_id),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows if not bytes(r[0]).startswith(b"\x00")]
 
     def stale_links(self, root_id: int, path: bytes, st: Stat) -> list[bytes]:
         """Other names of this file (hard links) whose row no longer matches its fresh stat."""
@@ -721,8 +746,24 @@ class Index:
                     )
                 feed.append((seq, entry_id, batch.root_id, Op.DELETED.value, kind.value, path, None, now))
 
+            # Inserts are sent in runs with executemany (one call per run, not per row: the
+            # first index is nearly all inserts); any other statement flushes the run first.
+            inserts: list[tuple[Any, ...]] = []
+
+            def flush_inserts() -> None:
+                if inserts:
+                    self.db.executemany(
+                        "INSERT INTO entries(id, root_id, path, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev,"
+                        " mode, uid, gid, nlink, blake3, racy, scheme, target, xattrs, seq)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        inserts,
+                    )
+                    inserts.clear()
+
             for w in batch.writes:
                 seq += 1
+                if w.evict_id is not None or w.park_id is not None or w.entry_id is not None:
+                    flush_inserts()
                 if w.evict_id is not None:
                     row = self.db.execute("SELECT path, kind FROM entries WHERE id = ?", (w.evict_id,)).fetchone()
                     if row is not None and row[0] == w.path:
@@ -750,6 +791,9 @@ class Index:
                         0 if not parent_path else new_ids.get(parent_path) or self.id_of(batch.root_id, parent_path)
                     )
                     if parent_id is None:
+                        flush_inserts()
+                        parent_id = self.id_of(batch.root_id, parent_path)
+                    if parent_id is None:
                         raise IndexError_(f"{self.path}: parent of {w.path!r} is not indexed")
                 s = w.stat
                 stat_values = (
@@ -767,12 +811,9 @@ class Index:
                 if w.entry_id is None:
                     entry_id = next_id
                     next_id += 1
-                    self.db.execute(
-                        "INSERT INTO entries(id, root_id, path, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev,"
-                        " mode, uid, gid, nlink, blake3, racy, scheme, target, xattrs, seq)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    inserts.append(
                         (entry_id, batch.root_id, w.path, parent_id, *stat_values, w.blake3, w.racy, w.scheme,
-                         w.target, w.xattrs, seq),
+                         w.target, w.xattrs, seq)
                     )  # fmt: skip
                     if s.kind is Kind.DIR:
                         new_ids[w.path] = entry_id
@@ -798,6 +839,7 @@ class Index:
                         new_ids[w.path] = entry_id
                 feed.append((seq, entry_id, batch.root_id, w.op.value, s.kind.value, w.path, w.old_path, now))
 
+            flush_inserts()
             self.db.executemany("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", feed)
             if batch.scan_id is not None and batch.queue_done:
                 self.db.executemany(

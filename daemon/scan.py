@@ -24,7 +24,7 @@ from daemon import fs
 from daemon.config import RootConfig, SyncConfig
 from daemon.hasher import Hashed, Unstable, hash_file
 from daemon.index import Batch, Index, QueueRow, RootRow, Write
-from daemon.model import Kind, Op, RootState, ScanKind, ScanScope, join, parent_of
+from daemon.model import Kind, Op, RootState, ScanKind, ScanScope, Stat, join, parent_of
 from daemon.rules import HASH_SCHEME, RootProbe, granularity_ns, is_racily_clean, offline_reason
 from daemon.walk import Excluder, WalkState, walk_scope
 
@@ -34,6 +34,56 @@ COMMIT_EVERY_S = 2.0
 HASH_WINDOW = 256
 # How deep a chain of renames is written ahead of path order before falling back to parking.
 MAX_EARLY_DEPTH = 100
+
+
+# Small files are hashed in groups, one worker task per group: a task per file costs more
+# in thread hand-offs than hashing the file (100k files of 4-64 KiB: 8.1 s one task each,
+# against 1.9 s for b3sum). Large files keep a task each, so two of them hash in parallel.
+GROUP_FILES = 64
+GROUP_BYTES = 8 * 1024 * 1024
+GROUP_FILE_MAX = 1024 * 1024  # files larger than this get a task of their own
+
+
+class Pending(Protocol):
+    """A hash on its way: a Future of one file, or one file's slot in a group's Future."""
+
+    def done(self) -> bool: ...
+    def cancel(self) -> bool: ...
+    def result(self) -> Hashed: ...
+
+
+class _Slot:
+    """One file's share of a group hashed by a single worker task."""
+
+    __slots__ = ("future", "i")
+
+    def __init__(self, i: int) -> None:
+        self.future: Future[list[Hashed | Exception]] | None = None  # set when the group is submitted
+        self.i = i
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def cancel(self) -> bool:
+        return self.future is not None and self.future.cancel()
+
+    def result(self) -> Hashed:
+        assert self.future is not None, "a group is submitted before any of its slots is awaited"
+        outcome = self.future.result()[self.i]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def _hash_group(items: list[tuple[bytes, Stat]]) -> list[Hashed | Exception]:
+    """Hash each file of a group; a file's failure is its own result, not the group's."""
+    out: list[Hashed | Exception] = []
+    for path, seen in items:
+        try:
+            out.append(hash_file(path, seen))
+        except Exception as e:  # OSError, fs.Moved, Unstable: handled per file by the caller
+            out.append(e)
+    return out
 
 
 class Progress(Protocol):
@@ -164,19 +214,44 @@ class _Stepper:
         self.last_commit = time.monotonic()
 
     def run(self) -> None:
-        window: deque[tuple[QueueRow, Future[Hashed] | None]] = deque()
+        window: deque[tuple[QueueRow, Pending | None]] = deque()
+        group: list[tuple[bytes, Stat]] = []
+        slots: list[_Slot] = []
+        group_bytes = 0
+
+        def submit_group() -> None:
+            nonlocal group, slots, group_bytes
+            if group:
+                future = self.pool.submit(_hash_group, group)
+                for slot in slots:
+                    slot.future = future
+            group, slots, group_bytes = [], [], 0
+
         for row in self.index.queued(self.scan_id):
             if row.renamed_from is not None:
                 self.rename_sources[row.renamed_from] = row.path
         for row in self.index.queued(self.scan_id):
             if self.stop.is_set():
                 break
-            future = None
+            pending: Pending | None = None
             if row.stat.kind is Kind.FILE and row.reason != "metadata" and row.renamed_from is None:
-                future = self.pool.submit(hash_file, join(self.root.path, row.path), row.stat)
-            window.append((row, future))
+                path = join(self.root.path, row.path)
+                if row.stat.size > GROUP_FILE_MAX:
+                    pending = self.pool.submit(hash_file, path, row.stat)
+                else:
+                    slot = _Slot(len(group))
+                    group.append((path, row.stat))
+                    slots.append(slot)
+                    group_bytes += row.stat.size
+                    pending = slot
+                    if len(group) >= GROUP_FILES or group_bytes >= GROUP_BYTES:
+                        submit_group()
+            window.append((row, pending))
+            if len(window) > HASH_WINDOW:
+                submit_group()  # the head may be waited on now: its group must be on its way
             while window and (len(window) > HASH_WINDOW or window[0][1] is None or window[0][1].done()):
                 self._finish(*window.popleft())
+        submit_group()
         while window:
             queued_row, future = window.popleft()
             if self.stop.is_set() and future is not None:
@@ -238,14 +313,14 @@ class _Stepper:
         self.done_early.add(path)
         return True
 
-    def _finish(self, row: QueueRow, future: Future[Hashed] | None) -> None:
+    def _finish(self, row: QueueRow, future: Pending | None) -> None:
         if row.path in self.done_early:
             self.done_early.discard(row.path)
         else:
             self._write_row(row, future, 0)
         self.last_in_order = row.path
 
-    def _write_row(self, row: QueueRow, future: Future[Hashed] | None, depth: int) -> bool:
+    def _write_row(self, row: QueueRow, future: Pending | None, depth: int) -> bool:
         self.in_progress.add(row.path)
         try:
             # A row in path order is written regardless: whatever it depends on came before it.
@@ -256,7 +331,7 @@ class _Stepper:
         finally:
             self.in_progress.discard(row.path)
 
-    def _write_row_now(self, row: QueueRow, future: Future[Hashed] | None) -> None:
+    def _write_row_now(self, row: QueueRow, future: Pending | None) -> None:
         abs_path = join(self.root.path, row.path)
         write = self._write_for(row, abs_path, future)
         self.batch.queue_done.append(row.path)
@@ -276,7 +351,7 @@ class _Stepper:
         if len(self.batch) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
             self.commit()
 
-    def _write_for(self, row: QueueRow, abs_path: bytes, future: Future[Hashed] | None) -> Write | None:
+    def _write_for(self, row: QueueRow, abs_path: bytes, future: Pending | None) -> Write | None:
         st = row.stat
         if row.reason == "content" and row.entry_id in self.rename_sources:
             # The entry that held this path moved elsewhere in this scan (mv b c; mv a b):
@@ -329,7 +404,7 @@ class _Stepper:
     def _target(abs_path: bytes, kind: Kind) -> bytes | None:
         return fs.read_link(abs_path) if kind is Kind.SYMLINK else None
 
-    def _hashed_write(self, row: QueueRow, future: Future[Hashed]) -> Write:
+    def _hashed_write(self, row: QueueRow, future: Pending) -> Write:
         result = future.result()
         st = result.stat
         self.report.files_hashed += 1
