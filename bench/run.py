@@ -8,10 +8,13 @@ shared (other engineers run tests on it), so absolute times are noisy; the ratio
     python -m bench.run                       # P1, P2, RSS on a 200k-entry corpus
     python -m bench.run --entries 1000000     # the 1M-entry figures (P1 and RSS)
     python -m bench.run --only P1 --profile   # and a py-spy profile of the scan
+    python -m bench.run --only P3,P4,P5       # the daemon: latency, idle cost, storm (10k entries)
+    python -m bench.run --only P3,P4 --live-entries 10000,1000000   # and on the 1M-entry tree
 
 Benchmarks are functions in ``BENCHMARKS``: each takes the ``Bench`` context (arguments,
 corpora, a way to time commands) and returns ``Result`` rows. P3-P5 (live watching, issue 4)
-register there once ``treewatch run`` exists; ``Bench.daemon`` is the hook to start it.
+run `treewatch run` (``Bench.daemon``) with a short quiet window and measure it from outside:
+the database read-only, `status --json`, and the process from /proc.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import json
 import os
 import platform
 import shutil
+import signal
+import sqlite3
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import corpus as corpora
 from bench.corpus import Corpus, human
@@ -72,6 +80,8 @@ class Result:
 
     def cells(self) -> list[str]:
         value = f"{self.value:.2f}x" if self.unit == "x" else f"{self.value:,.1f} {self.unit}"
+        if self.unit == "%":
+            value = f"{self.value:.3f} %"  # idle CPU: 0.1 % is the target
         ok = "" if self.ok is None else ("yes" if self.ok else "**no**")
         return [self.bench, self.what, value, self.target, ok, self.detail]
 
@@ -121,6 +131,13 @@ class Bench:
         self.config = self.out / "bench.toml"
         # Only the defaults, written down: a config in /etc or $TREEWATCH_CONFIG must not change the figures.
         self.config.write_text("[sync]\nhash_workers = 2\nbatch_size = 1000\n")
+        # The daemon's (P3-P5): a short quiet window, no periodic full sync, the startup sync on.
+        self.daemon_config = self.out / "daemon.toml"
+        self.daemon_config.write_text(
+            f"[watch]\ndebounce_s = {DEBOUNCE_S}\nmax_delay_s = 5.0\n"
+            "[sync]\nfull_interval_s = 0\nstartup = true\nhash_workers = 2\nbatch_size = 1000\n"
+            '[log]\nlevel = "info"\n'
+        )
         self.env = {k: v for k, v in os.environ.items() if k != "TREEWATCH_CONFIG"}
         self.notes: list[str] = []
         self.p1: P1Runs | None = None  # P1's syncs, which RSS and DB report on
@@ -170,9 +187,39 @@ class Bench:
         print(f"\n--- profile: {name} ---\n{summary}")
 
     def daemon_argv(self, db: Path, root: Path) -> list[str]:
-        """The hook for P3-P5 (issue 4): `treewatch run` on a corpus, to start with subprocess.Popen
-        (its pid gives RSS and CPU from /proc/PID/status and /proc/PID/stat)."""
-        return [self.python, "-m", "daemon", "--config", str(self.config), "--db", str(db), "run", "--root", str(root)]
+        """`treewatch run` on a corpus with the daemon's config (its pid gives RSS and CPU from /proc)."""
+        return [
+            self.python,
+            "-m",
+            "daemon",
+            "--config",
+            str(self.daemon_config),
+            "--db",
+            str(db),
+            "run",
+            "--root",
+            str(root),
+        ]
+
+    def live_db(self, c: Corpus) -> Path:
+        """A fresh database for a daemon on corpus ``c``: a copy of P1's index of the same corpus
+        when there is one (the startup sync is then a no-change sync), else empty (a first index)."""
+        db = self.out / f"live-{c.root.name}.db"
+        drop_db(db)
+        indexed = self.out / f"{c.root.name}.db"
+        if indexed.exists():
+            with (
+                closing(sqlite3.connect(f"file:{indexed}?mode=ro", uri=True)) as src,
+                closing(sqlite3.connect(db)) as dst,
+            ):
+                src.backup(dst)
+        else:
+            self.notes.append(f"{c.root.name}: no P1 index to copy, the daemon's startup sync is a first index")
+        return db
+
+    def daemon(self, c: Corpus, db: Path, name: str) -> Daemon:
+        """`treewatch run` on ``c``, started, with its startup sync done."""
+        return Daemon(self, db, c.root, self.out / f"{name}.log").start()
 
 
 def drop_db(db: Path) -> None:
@@ -182,6 +229,143 @@ def drop_db(db: Path) -> None:
 
 def db_bytes(db: Path) -> int:
     return sum(Path(f"{db}{s}").stat().st_size for s in ("", "-wal") if Path(f"{db}{s}").exists())
+
+
+DEBOUNCE_S = 0.2  # the daemon's quiet window in P3-P5
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    """A `treewatch run` subprocess, watched from outside: `status --json`, the database read-only
+    (SQLite URI mode=ro), and the process from /proc. A context manager: leaving it stops the daemon."""
+
+    def __init__(self, b: Bench, db: Path, root: Path, log: Path) -> None:
+        self.b, self.db, self.root, self.log = b, db, root, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the daemon was not started")
+        return self.proc.pid
+
+    def start(self) -> Daemon:
+        """Start it and wait until its startup sync is done and it is idle with nothing pending."""
+        full = self.status()["counters"]["scans"]["full"] if self.db.exists() else 0
+        started = time.monotonic()
+        with self.log.open("ab") as log:
+            argv = self.b.daemon_argv(self.db, self.root)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.b.env)
+        try:
+            self.wait(lambda s: s["counters"]["scans"]["full"] > full and quiet(s), 1800, "the startup sync")
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def status(self) -> dict[str, Any]:
+        argv = [self.b.python, "-m", "daemon", "--config", str(self.b.daemon_config), "--db", str(self.db)]
+        argv += ["status", "--json"]
+        r = subprocess.run(argv, check=False, capture_output=True, text=True, env=self.b.env, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"status exited with {r.returncode}: {r.stderr[-2000:]}")
+        data: dict[str, Any] = json.loads(r.stdout)
+        return data
+
+    def wait(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float, what: str, every: float = 0.25
+    ) -> dict[str, Any]:
+        """Poll `status --json` until ``condition`` holds; the daemon dying or the deadline passing raise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited waiting for {what}:\n{tail(self.log)}")
+            try:
+                s: dict[str, Any] | None = self.status()
+            except RuntimeError:  # e.g. the database is being created
+                s = None
+            if s is not None and condition(s):
+                return s
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}:\n{tail(self.log)}")
+            time.sleep(every)
+
+    def quiet(self, timeout: float = 600) -> dict[str, Any]:
+        return self.wait(quiet, timeout, "the daemon to be idle")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the whole process (all threads), from /proc/PID/stat."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS since start) in bytes, from /proc/PID/status."""
+        out: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def io(self) -> dict[str, int]:
+        """/proc/PID/io: wchar and syscw count every write(2) (log lines too), write_bytes what reached storage."""
+        rows = (line.partition(":") for line in Path(f"/proc/{self.pid}/io").read_text().splitlines())
+        return {k: int(v) for k, _, v in rows}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def quiet(s: dict[str, Any]) -> bool:
+    """`status --json` of a running daemon with nothing to do: idle, nothing pending, no scan."""
+    d = s["daemon"]
+    return bool(
+        d is not None
+        and d["activity"] == "idle"
+        and all(r["pending"] == 0 and r["state"] != "scanning" for r in s["roots"])
+    )
+
+
+def tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def photo_folders(root: Path, n: int) -> list[Path]:
+    """The first ``n`` folders that hold photos, walking the corpus in sorted order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if any(f.endswith(".JPG") for f in filenames):
+            found.append(Path(dirpath))
+            if len(found) == n:
+                break
+    return found
+
+
+def restore(created: Sequence[Path], mtimes: dict[Path, int]) -> None:
+    """Put a corpus back as it was generated: remove what a benchmark wrote, reset folder mtimes."""
+    for path in created:
+        path.unlink(missing_ok=True)
+    for folder, mtime_ns in mtimes.items():
+        os.utime(folder, ns=(mtime_ns, mtime_ns))
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def best(runs: Sequence[Run]) -> Run:
@@ -313,9 +497,230 @@ def sh(path: Path) -> str:
     return "'" + str(path).replace("'", "'\\''") + "'"
 
 
-# P3-P5 (issue 4: event-to-commit latency, idle RSS/CPU, storm) are added here once `treewatch run`
-# exists: a function (Bench) -> Iterator[Result], listed in this table under its name.
-BENCHMARKS: dict[str, Callable[[Bench], Iterator[Result]]] = {"P1": bench_p1, "P2": bench_p2, "RSS": bench_rss}
+# --- the daemon (issue 4): P3 latency, P4 idle cost, P5 storm ---------------------------------
+
+
+def commit_latency(d: Daemon, folder: Path, names: Sequence[str]) -> float:
+    """Write ``names`` into ``folder``, then poll the feed read-only every ~2 ms until all of them
+    are in it as added: seconds from the last write's quiet window closing to that commit."""
+    wanted = {n.encode() for n in names}
+    with closing(sqlite3.connect(f"file:{d.db}?mode=ro", uri=True)) as db:
+        seq = int(db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+        for i, name in enumerate(names):
+            (folder / name).write_bytes(i.to_bytes(4, "little") + b"p3" * 500)
+        t_last_write = time.monotonic()
+        deadline = t_last_write + 60
+        while True:
+            rows = db.execute("SELECT seq, path FROM changes WHERE seq > ? AND op = 'added'", (seq,)).fetchall()
+            t_seen = time.monotonic()
+            for row_seq, path in rows:
+                seq = max(seq, int(row_seq))
+                wanted.discard(bytes(path).rsplit(b"/", 1)[-1])
+            if not wanted:
+                return t_seen - (t_last_write + DEBOUNCE_S)
+            if t_seen > deadline:
+                raise RuntimeError(f"{len(wanted)} of {len(names)} files not in the feed after 60 s:\n{tail(d.log)}")
+            time.sleep(0.002)
+
+
+def bench_p3(b: Bench) -> Iterator[Result]:
+    """P3: from a path's quiet window closing to its change being committed (seen in the feed),
+    for 1 and for 100 new files in one folder, on each ``--live-entries`` tree."""
+    medians: dict[tuple[int, int], float] = {}
+    for entries in b.args.live_entries:
+        c = b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+        folder = photo_folders(c.root, 1)[0]
+        created: list[Path] = []
+        mtimes = {folder: folder.stat().st_mtime_ns}
+        try:
+            with b.daemon(c, b.live_db(c), f"P3-{entries}") as d:
+                b.notes.append(f"P3, {entries:,} entries: startup sync {d.startup_s:.1f} s, {load()}")
+                for n in (1, 100):
+                    times: list[float] = []
+                    for r in range(b.args.live_rounds):
+                        names = [f"bench-p3-{n}-{r}-{i:03d}.jpg" for i in range(n)]
+                        created += [folder / name for name in names]
+                        times.append(commit_latency(d, folder, names))
+                        d.quiet()
+                    ms = [t * 1000 for t in times]
+                    median = statistics.median(ms)
+                    medians[(entries, n)] = median
+                    yield Result(
+                        "P3",
+                        f"window closed to committed, {n} new file{'s' * (n > 1)} in a folder, {c.entries:,} entries",
+                        median,
+                        "ms",
+                        "<= 100 ms (median)",
+                        median <= 100,
+                        f"max {max(ms):.0f} ms; rounds " + ", ".join(f"{t:.0f}" for t in ms),
+                        {"median_ms": median, "max_ms": max(ms), "entries": c.entries, "files": n},
+                    )
+        finally:
+            restore(created, mtimes)
+    small, large = min(b.args.live_entries), max(b.args.live_entries)
+    if small != large:
+        for n in (1, 100):
+            ratio = medians[(large, n)] / medians[(small, n)]
+            yield Result(
+                "P3",
+                f"flat: {n} file{'s' * (n > 1)}, {large:,} vs {small:,} entries (medians)",
+                ratio,
+                "x",
+                "<= 1.2x",
+                ratio <= 1.2,
+                f"{medians[(large, n)]:.0f} ms vs {medians[(small, n)]:.0f} ms",
+            )
+
+
+def bench_p4(b: Bench) -> Iterator[Result]:
+    """P4: an idle daemon after its startup sync: RSS, CPU over ``--idle-seconds``, and writes
+    (it is meant to write nothing while idle: the database files' mtimes and /proc/PID/io)."""
+    for entries in b.args.live_entries:
+        c = b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+        db = b.live_db(c)
+        with b.daemon(c, db, f"P4-{entries}") as d:
+            b.notes.append(f"P4, {entries:,} entries: startup sync {d.startup_s:.1f} s, {load()}")
+            time.sleep(3)  # past the last publish of the idle state
+            files = [Path(f"{db}{s}") for s in ("", "-wal", "-shm")]
+            before = {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists()}
+            io0, cpu0, t0 = d.io(), d.cpu_s(), time.monotonic()
+            rss: list[int] = []
+            while time.monotonic() - t0 < b.args.idle_seconds:
+                rss.append(d.memory()["VmRSS"])
+                time.sleep(1)
+            io1, cpu1, seconds = d.io(), d.cpu_s(), time.monotonic() - t0
+            after = {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists()}
+            memory = d.memory()
+        changed = [f.name for f in set(before) | set(after) if before.get(f) != after.get(f)]
+        mb = max(rss) / 1e6
+        yield Result(
+            "P4",
+            f"idle RSS, {c.entries:,} entries",
+            mb,
+            "MB",
+            "<= 80 MB",
+            mb <= 80,
+            f"peak since start (VmHWM, startup sync included) {memory['VmHWM'] / 1e6:.1f} MB",
+            {"rss_bytes": max(rss), "hwm_bytes": memory["VmHWM"], "entries": c.entries},
+        )
+        cpu = cpu1 - cpu0
+        pct = 100 * cpu / seconds
+        yield Result(
+            "P4",
+            f"idle CPU over {seconds:.0f} s, {c.entries:,} entries",
+            pct,
+            "%",
+            "<= 0.1 %",
+            pct <= 0.1,
+            f"{cpu:.2f} CPU s (clock ticks of {1 / CLK_TCK:.2f} s)",
+            {"cpu_s": cpu, "seconds": seconds},
+        )
+        written = {k: io1[k] - io0[k] for k in ("wchar", "syscw", "write_bytes")}
+        yield Result(
+            "P4",
+            f"idle writes over {seconds:.0f} s, {c.entries:,} entries",
+            written["write_bytes"],
+            "B",
+            "0, files untouched",
+            written["write_bytes"] == 0 and written["syscw"] == 0 and not changed,
+            f"{written['syscw']} write calls, {written['wchar']} B written; "
+            + (f"changed: {', '.join(sorted(changed))}" if changed else "database files untouched"),
+            {k: float(v) for k, v in written.items()},
+        )
+
+
+STORM_FILES = 1000  # per folder
+STORM = """
+import os, sys
+for n, folder in enumerate(sys.argv[2:]):
+    for i in range(int(sys.argv[1])):
+        with open(os.path.join(folder, f"bench-storm-{i:04d}.jpg"), "xb") as f:
+            f.write((n * 100000 + i).to_bytes(8, "little") + bytes(1016))
+"""
+
+
+def bench_p5(b: Bench) -> Iterator[Result]:
+    """P5: 100 existing folders x 1000 new files written by another process while the daemon
+    watches: its RSS and CPU seconds until it has them all and is idle again, and how long that took."""
+    entries = b.args.storm_entries
+    c = b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+    folders = photo_folders(c.root, 100)
+    if len(folders) < 100:
+        raise RuntimeError(f"{c.root} has {len(folders)} photo folders, P5 needs 100 (--storm-entries)")
+    total = len(folders) * STORM_FILES
+    created = [f / f"bench-storm-{i:04d}.jpg" for f in folders for i in range(STORM_FILES)]
+    mtimes = {f: f.stat().st_mtime_ns for f in folders}
+    try:
+        with b.daemon(c, b.live_db(c), "P5") as d:
+            b.notes.append(f"P5, {c.entries:,} entries: startup sync {d.startup_s:.1f} s, {load()}")
+            s = d.status()
+            base, overflows, counters = s["roots"][0]["files"], s["roots"][0]["overflows"], s["counters"]
+            hwm0, cpu0, t0 = d.memory()["VmHWM"], d.cpu_s(), time.monotonic()
+            writer = subprocess.Popen([b.python, "-c", STORM, str(STORM_FILES), *map(str, folders)])
+            written: float | None = None
+            peak = 0
+
+            def converged(s: dict[str, Any]) -> bool:
+                nonlocal written, peak
+                peak = max(peak, d.memory()["VmRSS"])
+                if written is None and writer.poll() is not None:
+                    written = time.monotonic() - t0
+                return written is not None and s["roots"][0]["files"] == base + total and quiet(s)
+
+            s = d.wait(converged, 1800, f"{total:,} new files in the index")
+            seconds, cpu, memory = time.monotonic() - t0, d.cpu_s() - cpu0, d.memory()
+        if writer.wait() != 0:
+            raise RuntimeError(f"the storm writer exited with {writer.returncode}")
+    finally:
+        restore(created, mtimes)
+    b.notes.append(f"P5 end: {load()}")
+    if memory["VmHWM"] > hwm0:  # the storm set the process's peak: exact
+        peak = max(peak, memory["VmHWM"])
+    root = s["roots"][0]
+    scans = ", ".join(f"{n - counters['scans'][k]} {k}" for k, n in s["counters"]["scans"].items())
+    what = f"{len(folders)} folders x {STORM_FILES:,} new files, {c.entries:,} entries"
+    yield Result(
+        "P5",
+        f"peak RSS, storm of {what}",
+        peak / 1e6,
+        "MB",
+        "",
+        None,
+        f"idle before: {hwm0 / 1e6:.1f} MB (VmHWM)",
+        {"peak_bytes": peak, "hwm_before_bytes": hwm0},
+    )
+    yield Result(
+        "P5",
+        "CPU seconds, storm to idle",
+        cpu,
+        "s",
+        "",
+        None,
+        f"{1000 * cpu / total:.2f} ms per file",
+        {"cpu_s": cpu, "files": total},
+    )
+    assert written is not None
+    yield Result(
+        "P5",
+        "time to converge, from the first write",
+        seconds,
+        "s",
+        "",
+        None,
+        f"writer took {written:.1f} s; {seconds - written:.1f} s after it; overflows {root['overflows'] - overflows}, "
+        f"escalations {s['counters']['escalations'] - counters['escalations']}, scans: {scans}",
+        {"seconds": seconds, "writer_s": written, "overflows": root["overflows"] - overflows},
+    )
+
+
+BENCHMARKS: dict[str, Callable[[Bench], Iterator[Result]]] = {
+    "P1": bench_p1,
+    "P2": bench_p2,
+    "RSS": bench_rss,
+    "P3": bench_p3,
+    "P4": bench_p4,
+    "P5": bench_p5,
+}
 
 
 def machine() -> str:
@@ -338,6 +743,10 @@ def table(results: Sequence[Result]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def entry_counts(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--entries", type=int, default=200_000, help="P1/RSS corpus size, files + folders (200000)")
@@ -345,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--large-size", type=int, default=256 << 20, help="P2 large corpus: bytes per file (256 MiB)")
     p.add_argument("--small-files", type=int, default=100_000, help="P2 small corpus: how many files (100000)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per pair, best counts (3)")
+    p.add_argument("--live-entries", type=entry_counts, default=[10_000], help="P3/P4 trees, comma-separated (10000)")
+    p.add_argument("--live-rounds", type=int, default=5, help="P3: rounds per figure, median and max count (5)")
+    p.add_argument("--idle-seconds", type=float, default=60, help="P4: how long the idle daemon is watched (60)")
+    p.add_argument("--storm-entries", type=int, default=200_000, help="P5 tree; it needs 100 photo folders (200000)")
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--profile", action="store_true", help="also record a py-spy profile of each scan")
     p.add_argument("--corpus-dir", type=Path, default=HERE / "corpus", help="where corpora live (bench/corpus)")

@@ -381,9 +381,11 @@ class Index:
             self.db.execute("UPDATE roots SET dev = ? WHERE id = ?", (dev, root_id))
             self.db.execute("UPDATE entries SET dev = ? WHERE root_id = ?", (dev, root_id))
 
-    def entry_count(self, root_id: int) -> int:
-        row = self.db.execute("SELECT count(*) FROM entries WHERE root_id = ?", (root_id,)).fetchone()
-        return int(row[0])
+    def has_entries(self, root_id: int) -> bool:
+        """Whether anything is indexed under the root: an EXISTS, not a count, since every
+        scan asks it (a count of a 1M-entry root took 25-70 ms of a one-file scan: P3)."""
+        row = self.db.execute("SELECT EXISTS(SELECT 1 FROM entries WHERE root_id = ?)", (root_id,)).fetchone()
+        return bool(row[0])
 
     def sample_inodes(self, root_id: int, limit: int = 16) -> list[tuple[bytes, int]]:
         rows = self.db.execute(

@@ -163,7 +163,7 @@ def check_online(index: Index, root: RootRow) -> tuple[str | None, bool]:
     it is the same filesystem and the new number is adopted instead of staying offline.
     """
     probe = probe_root(root.path)
-    reason = offline_reason(probe, root.dev, index.entry_count(root.id))
+    reason = offline_reason(probe, root.dev, int(index.has_entries(root.id)))
     if reason is None or not probe.exists or not probe.is_dir or probe.empty or probe.dev is None:
         return reason, False
     samples = index.sample_inodes(root.id)
