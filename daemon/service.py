@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from daemon import logs
 from daemon.config import Config, ConfigError
@@ -74,6 +75,8 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     finally:
         extending.cancel()
     await scheduler.publish(pid, started_at, "watching")
+    db_identity = _file_identity(config.database)
+    exit_code = EXIT_OK
     notify("READY=1\nSTATUS=" + scheduler.summary())
     log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
              message_id=MessageId.STARTED)  # fmt: skip
@@ -88,8 +91,19 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
             await asyncio.sleep(ping)
 
     async def heartbeat() -> None:
+        nonlocal exit_code
         last_status = ""
         while True:
+            if await asyncio.to_thread(_file_identity, config.database) != db_identity:
+                # SQLite keeps writing to a deleted (or replaced) file through its open
+                # descriptors without a word: every commit would go nowhere, and `status`
+                # would read another file. Exit 1 so the service manager restarts the daemon,
+                # whose next start rebuilds the index from disk (torture: database deleted).
+                log.error("the database was deleted or replaced under the running daemon; exiting",
+                          database=str(config.database))  # fmt: skip
+                exit_code = EXIT_FAILURE
+                stopped.set()
+                return
             try:
                 await scheduler.publish(pid, started_at, "watching")
             except Exception as e:  # a locked or failing database must not end the publishing for good
@@ -126,7 +140,15 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     await scheduler.db.heartbeat(pid, started_at, "stopped", "stopped")
     await scheduler.close()
     log.info("treewatch stopped", message_id=MessageId.STOPPED)
-    return EXIT_OK
+    return exit_code
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def run_daemon(config: Config, reload_config: Callable[[], Config]) -> int:

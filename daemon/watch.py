@@ -265,6 +265,15 @@ class _WatchGroup(InotifyWatchGroup):
         s.failed.pop(path, None)
         if path == self.path:
             s.root_wd = wd
+        stale = self._active_callbacks_by_watch.get(wd)
+        if stale is not None and stale != path and self._active_callbacks_by_path.get(stale) == wd:
+            # The same folder (inotify returns its existing wd) seen under a new name, when a
+            # move's IN_MOVED_FROM/IN_MOVED_TO did not pair up (e.g. moved into a folder not
+            # watched yet). watchdog leaves the old name in its path map; a later move of an
+            # ancestor of that old name rewrites it by prefix (inotify.py:322-338) and the
+            # folder's events are then reported under a path that does not exist, forever.
+            # (torture seed 2: `mv A/d/b X/n; mv A X/n/m` put b's events under X/n/m/d/b.)
+            del self._active_callbacks_by_path[stale]
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path
 

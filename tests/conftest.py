@@ -54,3 +54,26 @@ def lowered_queue(limit: int) -> Iterator[None]:
             yield
         finally:
             MAX_QUEUED.write_text(original)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # `make torture SEED=… DURATION=…` (tests/test_torture.py); without a seed one is drawn and printed.
+    group = parser.getgroup("torture", "the differential torture suite (tests/test_torture.py)")
+    group.addoption("--torture-seed", type=int, default=None, help="seed of the random operation sequences")
+    group.addoption("--torture-duration", type=float, default=20.0, help="seconds of random operations")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.torture_ops import FIGURES
+
+    if FIGURES.used:
+        for line in FIGURES.table():
+            terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The torture tests run for --torture-duration: their timeout grows with it.
+    budget = 3 * float(config.getoption("--torture-duration")) + 600
+    for item in items:
+        if item.nodeid.startswith("tests/test_torture.py"):
+            item.add_marker(pytest.mark.timeout(budget))
