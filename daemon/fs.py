@@ -187,3 +187,23 @@ class DaemonLock:
         finally:
             os.close(fd)
         return False
+
+
+def identity(path: bytes | Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what is at ``path`` now, None when nothing is: to notice a file or
+    folder replaced under an open handle or a watch (a deleted database, an unmounted root)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon.config import Config
-from daemon.fs import DaemonLock
+from daemon.fs import DaemonLock, pid_alive
 from daemon.index import Index
 from daemon.model import Entry, RootState, join
 from daemon.rebuild import rebuild_status
@@ -17,16 +17,6 @@ from daemon.rebuild import rebuild_status
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
 
 
 def daemon_info(index: Index) -> dict[str, Any] | None:

@@ -177,16 +177,6 @@ def check_online(index: Index, root: RootRow) -> tuple[str | None, bool]:
     return reason, False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _Stepper:
     """Step 2 for one scan: turns queue rows into writes, hashing files in worker threads."""
 
@@ -476,7 +466,7 @@ def scan(
     report = ScanReport(root_path, kind)
 
     for active in index.active_scans():
-        if active.root_id == root.id and active.pid != os.getpid() and _pid_alive(active.pid):
+        if active.root_id == root.id and active.pid != os.getpid() and fs.pid_alive(active.pid):
             report.busy_pid = active.pid
             return report
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon import logs
+from daemon import fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.index import AsyncIndex, Index
@@ -43,14 +43,6 @@ SCAN_RETRY_S = 1.0
 SCAN_RETRY_MAX_S = 300.0
 # Errors of one scan shown one by one in the log; the rest are counted in one line.
 ERRORS_LOGGED = 10
-
-
-def _identity(path: bytes) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class LiveProgress:
@@ -270,7 +262,7 @@ class Scheduler:
         rt.watcher = watcher
         await asyncio.to_thread(watcher.start)
         rt.next_poll = time.monotonic() + self.config.watch.poll_interval_s
-        rt.identity = await asyncio.to_thread(_identity, rt.path)
+        rt.identity = await asyncio.to_thread(fs.identity, rt.path)
         rt.next_identity_check = time.monotonic() + ROOT_CHECK_S
         self.log.info("watching", root=rt.path, observer=watcher.mode, folders=watcher.watched_dirs)
 
@@ -353,7 +345,7 @@ class Scheduler:
         rt.next_identity_check = now + ROOT_CHECK_S
         if rt.offline is not None or rt.watcher is None:
             return  # an offline root is rechecked by its scans; its watches are already gone
-        current = await asyncio.to_thread(_identity, rt.path)
+        current = await asyncio.to_thread(fs.identity, rt.path)
         if current == rt.identity:
             return
         self.log.warning("the root folder is no longer the one being watched (unmounted or replaced); checking it",

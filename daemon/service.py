@@ -16,9 +16,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from daemon import logs
+from daemon import fs, logs
 from daemon.config import Config, ConfigError
 from daemon.fs import DaemonLock
 from daemon.logs import MessageId
@@ -75,7 +74,7 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     finally:
         extending.cancel()
     await scheduler.publish(pid, started_at, "watching")
-    db_identity = _file_identity(config.database)
+    db_identity = fs.identity(config.database)
     exit_code = EXIT_OK
     notify("READY=1\nSTATUS=" + scheduler.summary())
     log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
@@ -94,7 +93,7 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
         nonlocal exit_code
         last_status = ""
         while True:
-            if await asyncio.to_thread(_file_identity, config.database) != db_identity:
+            if await asyncio.to_thread(fs.identity, config.database) != db_identity:
                 # SQLite keeps writing to a deleted (or replaced) file through its open
                 # descriptors without a word: every commit would go nowhere, and `status`
                 # would read another file. Exit 1 so the service manager restarts the daemon,
@@ -141,14 +140,6 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     await scheduler.close()
     log.info("treewatch stopped", message_id=MessageId.STOPPED)
     return exit_code
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def run_daemon(config: Config, reload_config: Callable[[], Config]) -> int:
