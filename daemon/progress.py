@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TaskID,
@@ -29,7 +28,6 @@ class ScanProgress:
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
@@ -37,6 +35,8 @@ class ScanProgress:
                 transient=True,
             )
         self.task: TaskID | None = None
+        self.label = ""
+        self.files_total = self.files_done = 0
 
     def __enter__(self) -> ScanProgress:
         if self.bar is not None:
@@ -50,16 +50,22 @@ class ScanProgress:
     def phase(self, root: bytes, phase: str) -> None:
         if self.bar is None:
             return
-        label = f"{phase} {os.fsdecode(root)}"
+        label = self.label = f"{phase} {os.fsdecode(root)}"
         if self.task is None:
             self.task = self.bar.add_task(label, total=None)
         else:
             self.bar.update(self.task, description=label)
 
     def total(self, files: int, nbytes: int) -> None:
+        self.files_total, self.files_done = files, 0
         if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, total=nbytes or None, completed=0)
+            self.bar.update(self.task, total=nbytes or None, completed=0, description=self._described())
 
     def advance(self, files: int, nbytes: int) -> None:
+        self.files_done += files
         if self.bar is not None and self.task is not None:
-            self.bar.advance(self.task, nbytes)
+            self.bar.update(self.task, advance=nbytes, description=self._described())
+
+    def _described(self) -> str:
+        # The bar counts bytes (rate and ETA come from them); the files go in the label.
+        return f"{self.label} ({self.files_done}/{self.files_total} files)"
