@@ -352,6 +352,12 @@ def hidden_by_protect_home(*paths: Path) -> bool:
     return any(h == p or h in p.parents for p in paths for h in hidden)
 
 
+def hidden_by_private_tmp(*paths: Path) -> bool:
+    """PrivateTmp=yes gives the service its own /tmp and /var/tmp: a checkout there is unseen."""
+    hidden = (Path("/tmp"), Path("/var/tmp"))
+    return any(h == p or h in p.parents for p in paths for h in hidden)
+
+
 # --- NOTIFY_SOCKET --------------------------------------------------------------------------
 
 

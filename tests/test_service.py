@@ -31,6 +31,7 @@ from tests.systemd_harness import (
     Namespace,
     NotifySocket,
     UserManager,
+    hidden_by_private_tmp,
     hidden_by_protect_home,
     missing_requirements,
     packaged_unit,
@@ -151,6 +152,11 @@ class Service:
             # Only when the checkout itself lives under /root or /home (a CI quirk, not a NAS):
             # ProtectHome=yes would hide the venv and the unit could not start at all.
             dropins["checkout.conf"] = "[Service]\nProtectHome=read-only\n"
+        checkout = Path(__file__).resolve().parents[1]
+        if hidden_by_private_tmp(treewatch, Path(sys.prefix).resolve(), checkout):
+            # Likewise for a checkout under /tmp: the service's private /tmp would hide it, so
+            # it is bound in read-only (the way X11's socket is usually shown to such units).
+            dropins["checkout-tmp.conf"] = f"[Service]\nBindReadOnlyPaths={checkout}\n"
         self.manager.install(UNIT, packaged_unit(f"{treewatch} --config {self.config} run"), dropins)
 
     def state(self) -> Any:
