@@ -874,13 +874,6 @@ class Index:
 
     # --- the daemon's row --------------------------------------------------------------
 
-    def set_daemon(self, pid: int, started_at: float, state: str, activity: str) -> None:
-        with self.transaction():
-            self.db.execute(
-                "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)",
-                (pid, started_at, state, activity, time.time()),
-            )
-
     def daemon_row(self) -> tuple[int, float, str, str, float] | None:
         row = self.db.execute("SELECT pid, started_at, state, activity, updated_at FROM daemon").fetchone()
         return None if row is None else (row[0], row[1], row[2], row[3], row[4])

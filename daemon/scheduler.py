@@ -480,6 +480,3 @@ class Scheduler:
                 rt.overflows = 0
         if any(self.pending_counters.values()):
             await self.flush_counters()
-
-    def state(self) -> dict[str, Any]:
-        return {"roots": len(self.roots), "activity": self.activity()}
