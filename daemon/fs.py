@@ -37,7 +37,9 @@ def lstat(path: bytes) -> Stat:
 class Listing:
     """A folder's children as (name, lstat) pairs, read through a verified descriptor."""
 
-    children: list[tuple[bytes, Stat]]
+    # Raw lstat results: a sync of an unchanged folder only digests them (walk.listing_digest),
+    # and building a Stat for each would be a third of that folder's cost.
+    children: list[tuple[bytes, os.stat_result]]
     vanished: list[bytes]  # listed, then gone before their lstat
 
 
@@ -54,13 +56,13 @@ def list_dir(path: bytes, expected: Stat | None) -> Listing:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (expected.dev, expected.inode):
                 raise Moved(path)
-        children: list[tuple[bytes, Stat]] = []
+        children: list[tuple[bytes, os.stat_result]] = []
         vanished: list[bytes] = []
         with os.scandir(fd) as it:
             for entry in it:
                 name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode, minus its checks
                 try:
-                    children.append((name, Stat.of(entry.stat(follow_symlinks=False))))
+                    children.append((name, entry.stat(follow_symlinks=False)))
                 except FileNotFoundError:
                     vanished.append(name)
         return Listing(children, vanished)

@@ -14,14 +14,15 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+if TYPE_CHECKING:
+    import aiosqlite
 
 from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
 from daemon.rules import HASH_SCHEME
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -148,7 +149,41 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX IF EXISTS entries_by_hash;
     """,
+    # 4: a folder's listing digest, so a sync skips comparing the children of a folder whose
+    # listing matches the one last found equal to the index (docs/scanning.md, "Unchanged
+    # folders"). children_gen counts writes to the folder's children, and every such write
+    # clears the digest: a digest is stored only if no child changed since the walk read them.
+    """
+    ALTER TABLE entries ADD COLUMN children_digest BLOB;
+    ALTER TABLE entries ADD COLUMN children_gen INTEGER NOT NULL DEFAULT 0;
+    CREATE TRIGGER entries_child_added AFTER INSERT ON entries BEGIN
+        UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL WHERE id = NEW.parent_id;
+    END;
+    CREATE TRIGGER entries_child_removed AFTER DELETE ON entries BEGIN
+        UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL WHERE id = OLD.parent_id;
+    END;
+    CREATE TRIGGER entries_child_changed AFTER UPDATE OF root_id, path, parent_id, kind, size, mtime_ns,
+        ctime_ns, inode, dev, mode, uid, gid, nlink, blake3, racy, scheme ON entries BEGIN
+        UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL
+            WHERE id IN (OLD.parent_id, NEW.parent_id);
+    END;
+    """,
 )
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements, keeping a trigger's body (which has `;`) whole.
+
+    Not executescript: it commits first, and a migration must be one transaction with its check.
+    """
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n\t;"):
+                yield pending
+            pending = ""
+
 
 ENTRY_COLUMNS = (
     "id, root_id, path, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink,"
@@ -197,6 +232,13 @@ def _bounds(path: bytes) -> dict[str, bytes]:
     # Everything below "a/b" sorts between "a/b/" and "a/b0": '0' is the byte after '/'.
     # Computed here, not with SQL's ||, which turns BLOBs into TEXT (and TEXT sorts before BLOB).
     return {"p": path, "lo": path + b"/", "hi": path + b"0"}
+
+
+@dataclass(frozen=True, slots=True)
+class FolderState:
+    id: int
+    digest: bytes | None  # of the listing last found equal to the index; None once a child changed
+    generation: int  # children_gen: moves with every write to a child row
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,9 +381,8 @@ class Index:
             if version == 0 and self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise IndexError_(f"{self.path}: an SQLite database, but not a treewatch index")
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1].split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {target}")
 
     @contextlib.contextmanager
@@ -585,6 +626,10 @@ class Index:
         changed content rather than gone). Without the second half, b's row is overwritten
         by a's and c arrives as a new entry: b's identity and feed history are lost and c
         is hashed again.
+
+        A queued path whose own row already holds that inode is not a rename's arrival, only
+        re-checked (racily clean, or its content changed): when one name of a hard-linked
+        file is deleted, the other keeps its identity instead of taking the deleted one's.
         """
         # CROSS JOIN fixes the join order (SQLite's rule): from the few gone or displaced rows,
         # to their entry, to the queue by (scan_id, inode). Left to itself, the planner put
@@ -596,14 +641,16 @@ class Index:
                CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
                     ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev
                     AND q.kind = e.kind
-               WHERE g.scan_id = :s AND q.reason != 'metadata'
+               WHERE g.scan_id = :s AND q.reason != 'metadata' AND NOT EXISTS (
+                    SELECT 1 FROM entries cur WHERE cur.id = q.entry_id AND cur.inode = q.inode AND cur.dev = q.dev)
                UNION ALL
                SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
                FROM scan_queue c CROSS JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
                CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
                     ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev
                     AND q.kind = e.kind AND q.path != c.path
-               WHERE c.scan_id = :s AND c.reason = 'content' AND q.reason != 'metadata'
+               WHERE c.scan_id = :s AND c.reason = 'content' AND q.reason != 'metadata' AND NOT EXISTS (
+                    SELECT 1 FROM entries cur WHERE cur.id = q.entry_id AND cur.inode = q.inode AND cur.dev = q.dev)
                ORDER BY 1, 2""",
             {"s": scan_id},
         ).fetchall()
@@ -699,6 +746,23 @@ class Index:
             (scan_id, path),
         ).fetchone()
         return None if r is None else QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14])
+
+    def folder_state(self, root_id: int, path: bytes) -> FolderState | None:
+        """A folder's id with its stored listing digest, read before its children (see `store_digests`)."""
+        row = self.db.execute(
+            "SELECT id, children_digest, children_gen FROM entries WHERE root_id = ? AND path = ? AND kind = 'dir'",
+            (root_id, path),
+        ).fetchone()
+        return None if row is None else FolderState(row[0], row[1], row[2])
+
+    def store_digests(self, digests: Iterable[tuple[bytes, int, int]]) -> None:
+        """Store (digest, folder id, children_gen read before its children were compared).
+
+        A child written since then moved children_gen, so its folder keeps no digest: a
+        digest in the index always describes children rows that are still there as compared.
+        """
+        with self.transaction():
+            self.db.executemany("UPDATE entries SET children_digest = ? WHERE id = ? AND children_gen = ?", digests)
 
     def id_of(self, root_id: int, path: bytes) -> int | None:
         row = self.db.execute("SELECT id FROM entries WHERE root_id = ? AND path = ?", (root_id, path)).fetchone()
@@ -1115,6 +1179,8 @@ class AsyncIndex:
         self.db: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
+        import aiosqlite  # here, not at the top: it imports asyncio, 20 ms of every CLI start
+
         self.db = await aiosqlite.connect(self.path, isolation_level=None, timeout=60)
         await self.db.execute("PRAGMA busy_timeout = 60000")
         # As for the scanner's connection: WAL with NORMAL syncs at checkpoints, not per write.

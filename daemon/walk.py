@@ -11,19 +11,23 @@ import fnmatch
 import os
 import re
 import stat as stat_mod
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import blake3
 
 from daemon import fs
 from daemon.index import Index, QueueRow, entry_of, row_unchanged
 from daemon.model import Entry, Kind, ScanScope, Stat, join, name_of, parent_of
-from daemon.rules import Change, classify
+from daemon.rules import HASH_SCHEME, Change, classify
 
 
 class Excluder:
     """`exclude` globs, matched against an entry's name and its root-relative path."""
 
     def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
         self.regexes = [re.compile(os.fsencode(fnmatch.translate(p))) for p in patterns]
         # All patterns as one alternation: two matches per entry instead of two per pattern.
         self.combined = re.compile(b"|".join(b"(?:" + r.pattern + b")" for r in self.regexes)) if patterns else None
@@ -49,6 +53,7 @@ class WalkState:
     queued: list[QueueRow] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)
     errors: dict[bytes, str] = field(default_factory=dict)
+    digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see Index.store_digests
     seen: int = 0
 
     def queue(self, row: QueueRow) -> None:
@@ -68,6 +73,40 @@ class WalkState:
         if self.gone:
             self.index.mark_gone(self.scan_id, self.root_id, self.gone)
             self.gone = []
+        if self.digests:
+            self.index.store_digests(self.digests)
+            self.digests = []
+
+
+# Stored after the 16-byte digest: how many children the folder had once excludes applied, so
+# a skipped folder still counts what it holds without matching each child against the globs.
+_DIGEST_BYTES = 16
+
+
+def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]) -> bytes:
+    """BLAKE3 of a folder's listing: every name with every lstat field the index compares.
+
+    Equal to the digest stored with the folder (and no child row written since, which clears
+    it) means every child would compare unchanged: a sync then skips the folder's index rows.
+    A digest that differs only costs the full comparison, so the listing's order (the
+    filesystem's) is used as it comes, and a collision needs two 128-bit BLAKE3 outputs equal.
+    """
+    unsigned: list[int] = []
+    signed: list[int] = []
+    for _name, st in children:
+        unsigned += (st.st_ino, st.st_dev, st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_nlink)
+        signed += (st.st_mtime_ns, st.st_ctime_ns)  # before 1970 is negative
+    hasher = blake3.blake3(seed)
+    hasher.update(b"\0".join(name for name, _st in children))
+    hasher.update(array("Q", unsigned).tobytes())
+    hasher.update(array("q", signed).tobytes())
+    return hasher.digest(_DIGEST_BYTES)
+
+
+def digest_seed(excluded: Excluder) -> bytes:
+    """What else decides a folder's comparison: the excludes (the digest covers excluded
+    children too) and the hash scheme (`row_unchanged` re-queues rows of an older one)."""
+    return b"\0".join([b"treewatch-listing-1", str(HASH_SCHEME).encode(), *(os.fsencode(p) for p in excluded.patterns)])
 
 
 def _reason(entry: Entry | None, st: Stat) -> tuple[str | None, bool]:
@@ -162,16 +201,18 @@ def walk_scope(
         if st.kind is not Kind.DIR:
             return
         known = entry is not None and not old_gone
-        stack: list[tuple[bytes, int | None, Stat | None, bool]] = [
-            (rel, entry.id if known and entry else None, st, scope.recursive or not known)
-        ]
+        stack: list[tuple[bytes, bool, Stat | None, bool]] = [(rel, known, st, scope.recursive or not known)]
     else:
-        stack = [(b"", 0, None, scope.recursive)]
+        stack = [(b"", True, None, scope.recursive)]
 
+    seed = digest_seed(excluded)
     while stack:
         if stopping():
             return
-        dir_rel, dir_id, dir_stat, recursive = stack.pop()
+        # known: the folder has a row (b"" is the root, whose children have parent_id 0).
+        dir_rel, known, dir_stat, recursive = stack.pop()
+        folder = index.folder_state(root_id, dir_rel) if known and dir_rel else None
+        dir_id = 0 if not dir_rel else folder.id if folder is not None else None
         dir_abs = join(root_path, dir_rel)
         try:
             listing = fs.list_dir(dir_abs, dir_stat)
@@ -184,18 +225,36 @@ def walk_scope(
             # Unreadable is not empty: what the index holds below it stays.
             state.errors[dir_rel] = _error_text(e)
             continue
+        digest = None
+        if folder is not None and not listing.vanished:
+            digest = listing_digest(seed, listing.children)
+            if folder.digest is not None and folder.digest[:_DIGEST_BYTES] == digest:
+                # The common case of a sync: nothing in this folder changed. Only its
+                # subfolders are looked at (their own children may have).
+                state.seen += int.from_bytes(folder.digest[_DIGEST_BYTES:], "little")
+                if recursive:
+                    for name, raw in listing.children:
+                        if stat_mod.S_ISDIR(raw.st_mode):
+                            child = dir_rel + b"/" + name if dir_rel else name
+                            if not excluded(child):
+                                stack.append((child, True, Stat.of(raw), True))
+                continue
         indexed = index.children_rows(root_id, dir_id) if dir_id is not None else {}
-        for name, st in sorted(listing.children):
+        all_unchanged = not listing.vanished
+        compared = 0
+        for name, raw in sorted(listing.children, key=_by_name):
             child = dir_rel + b"/" + name if dir_rel else name
             if excluded(child):
                 continue
-            state.seen += 1
+            compared += 1
+            st = Stat.of(raw)
             row = indexed.pop(child, None)
             if row is not None and row_unchanged(row, st):
-                # The common case of a sync, decided without building the Entry (see row_unchanged).
+                # Decided without building the Entry (see row_unchanged).
                 if recursive and st.kind is Kind.DIR:
-                    stack.append((child, row[0], st, True))
+                    stack.append((child, True, st, True))
                 continue
+            all_unchanged = False
             entry = None if row is None else entry_of(row)
             reason, old_gone = _reason(entry, st)
             if old_gone:
@@ -203,10 +262,18 @@ def walk_scope(
             if reason is not None:
                 state.queue(QueueRow(child, reason, entry.id if entry else None, dir_id, st, None))
             if st.kind is Kind.DIR:
-                known = entry is not None and not old_gone
-                if not known:
-                    stack.append((child, None, st, True))  # new: walk it whole
-                elif recursive:
-                    stack.append((child, entry.id if entry else None, st, True))
+                known_child = entry is not None and not old_gone
+                if not known_child or recursive:
+                    stack.append((child, known_child, st, True))  # a new one is walked whole
+        state.seen += compared
         for child in indexed:
+            all_unchanged = False
             state.mark_gone(child)
+        if all_unchanged and folder is not None and digest is not None:
+            state.digests.append((digest + compared.to_bytes(4, "little"), folder.id, folder.generation))
+            if len(state.digests) >= state.flush_every:
+                state.flush()
+
+
+def _by_name(child: tuple[bytes, os.stat_result]) -> bytes:
+    return child[0]

@@ -7,6 +7,7 @@ oracle's shape; ``replay`` applies the change feed from seq 0 to an empty set of
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,19 @@ from daemon.index import Index
 from daemon.model import ScanScope
 from daemon.scan import ScanReport, scan
 from tests.oracle import Row
+
+
+def settle(path: Path) -> None:
+    """Age every mtime below ``path`` by a minute, so no entry is racily clean.
+
+    A scan starting within the racy window of a file's write (100 ms on local filesystems)
+    hashes it again on the next pass: a test counting hashes must not depend on how fast
+    the process starts.
+    """
+    old = time.time_ns() - 60 * 1_000_000_000
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            os.utime(os.path.join(dirpath, n), ns=(old, old), follow_symlinks=False)
 
 
 def run_scan(

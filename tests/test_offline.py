@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
+from tests.engine import settle
 from tests.oracle import cli, diff, expected, indexed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,6 +166,7 @@ def test_root_renamed_away_is_offline(library: Path, db: Path, tmp_path: Path) -
     (library / "a").write_bytes(b"a" * 1000)
     (library / "d").mkdir()
     (library / "d" / "b").write_bytes(b"b")
+    settle(library)
     assert cli(db, "scan", "--root", str(library)).returncode == 0
     hashed = json.loads(cli(db, "status", "--json").stdout)["counters"]["files_hashed"]
     os.rename(library, tmp_path / "away")
@@ -183,6 +185,7 @@ def test_root_renamed_away_is_offline(library: Path, db: Path, tmp_path: Path) -
 
 def test_root_replaced_by_empty_folder_is_offline(library: Path, db: Path, tmp_path: Path) -> None:
     (library / "a").write_bytes(b"a" * 1000)
+    settle(library)
     assert cli(db, "scan", "--root", str(library)).returncode == 0
     os.rename(library, tmp_path / "away")
     library.mkdir()

@@ -17,7 +17,7 @@ import xattr
 from daemon import queries
 from daemon.index import Index
 from daemon.scan import ScanReport
-from tests.engine import replay, rows, run_scan
+from tests.engine import replay, rows, run_scan, settle
 from tests.oracle import diff, expected
 
 
@@ -26,14 +26,6 @@ def index(db: Path) -> Iterator[Index]:
     idx = Index(db)
     yield idx
     idx.close()
-
-
-def settle(path: Path) -> None:
-    """Age every mtime below ``path`` by a minute, so no entry is racily clean."""
-    old = time.time_ns() - 60 * 1_000_000_000
-    for dirpath, dirnames, filenames in os.walk(path):
-        for n in dirnames + filenames:
-            os.utime(os.path.join(dirpath, n), ns=(old, old), follow_symlinks=False)
 
 
 def sync(index: Index, root: Path, **kw: object) -> ScanReport:
@@ -303,3 +295,19 @@ def test_subtree_scan_only_touches_its_scope(library: Path, index: Index) -> Non
     run_scan(index, library, subtrees=[b"in"])
     assert index.entry(1, b"in/a") is None
     assert index.entry(1, b"out/b") is not None  # outside the scope: not looked at
+
+
+def test_deleting_one_name_of_a_racy_hard_link_keeps_the_others_identity(library: Path, index: Index) -> None:
+    (library / "one").write_bytes(b"linked content")
+    os.link(library / "one", library / "two")
+    # Racily clean: the row of "two" is queued to be re-checked, with the inode "one" had.
+    future = time.time_ns() + 3600 * 1_000_000_000
+    os.utime(library / "two", ns=(future, future))
+    sync(index, library)
+    two = ident(index, library, "two")
+    since = index.last_seq()
+    (library / "one").unlink()
+    sync(index, library)
+    assert ident(index, library, "two") == two
+    assert ("deleted", "one", None) in feed(index, since)
+    assert not [c for c in feed(index, since) if c[0] == "renamed"]

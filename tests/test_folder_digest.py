@@ -1,0 +1,188 @@
+"""A folder whose listing matches the digest stored with it is not compared child by child.
+
+The digest is an optimisation that must never hide a change: each test stores digests with
+two syncs of a settled tree, checks that they were stored (so the fast path really runs), then
+changes the disk or the index and asserts the next sync against the oracle.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xattr
+
+from daemon.index import MIGRATIONS, Index, _statements
+from tests.engine import run_scan, settle
+from tests.test_scan_cases import sync
+
+
+@pytest.fixture
+def index(db: Path) -> Iterator[Index]:
+    idx = Index(db)
+    yield idx
+    idx.close()
+
+
+def make_tree(library: Path) -> None:
+    for folder in ("photos/2001", "photos/2002", "docs"):
+        (library / folder).mkdir(parents=True)
+        for i in range(5):
+            (library / folder / f"f{i}.jpg").write_bytes(bytes([i]) * (100 + i))
+    (library / "docs" / "skip.tmp").write_bytes(b"excluded")
+    settle(library)
+
+
+def digest_of(index: Index, rel: str) -> bytes | None:
+    state = index.folder_state(1, rel.encode())
+    assert state is not None, rel
+    return state.digest
+
+
+def stored(index: Index, library: Path) -> None:
+    """Two syncs: the first after an index finds every folder equal and stores its digest."""
+    sync(index, library, exclude=("*.tmp",))
+    sync(index, library, exclude=("*.tmp",))
+    for rel in ("photos", "photos/2001", "photos/2002", "docs"):
+        assert digest_of(index, rel) is not None, rel
+
+
+@pytest.fixture
+def digested(library: Path, index: Index) -> Path:
+    make_tree(library)
+    sync(index, library, exclude=("*.tmp",))
+    stored(index, library)
+    return library
+
+
+def test_a_skipped_folder_still_counts_its_children(digested: Path, index: Index) -> None:
+    report = sync(index, digested, exclude=("*.tmp",))
+    # 4 folders, 15 files (skip.tmp is excluded, so not walked)
+    assert report.walked == 19
+    assert report.files_hashed == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "rewrite same size",
+        "append",
+        "chmod",
+        "xattr",
+        "hard link",
+        "new file",
+        "delete",
+        "rename",
+        "new subfolder",
+        "replace with folder",
+    ],
+)
+def test_every_change_in_a_digested_folder_is_seen(digested: Path, index: Index, change: str) -> None:
+    folder = digested / "photos" / "2001"
+    f0 = folder / "f0.jpg"
+    before = index.entry(1, b"photos/2001/f0.jpg")
+    assert before is not None
+    if change == "rewrite same size":
+        f0.write_bytes(b"\xff" * f0.stat().st_size)
+    elif change == "append":
+        with f0.open("ab") as f:
+            f.write(b"more")
+    elif change == "chmod":
+        f0.chmod(0o600)
+    elif change == "xattr":
+        xattr.set(str(f0), "user.tag", b"x")
+    elif change == "hard link":
+        os.link(f0, digested / "docs" / "link.jpg")  # f0's nlink and ctime move
+    elif change == "new file":
+        (folder / "new.jpg").write_bytes(b"new")
+    elif change == "delete":
+        f0.unlink()
+    elif change == "rename":
+        f0.rename(folder / "renamed.jpg")
+    elif change == "new subfolder":
+        (folder / "sub").mkdir()
+        (folder / "sub" / "deep.jpg").write_bytes(b"deep")
+    elif change == "replace with folder":
+        f0.unlink()
+        f0.mkdir()
+    sync(index, digested, exclude=("*.tmp",))  # asserts index == disk
+    after = index.entry(1, b"photos/2001/f0.jpg")
+    if change == "rewrite same size":
+        assert after is not None and after.blake3 != before.blake3
+    if change == "xattr":
+        assert after is not None and after.xattrs is not None and "user.tag" in after.xattrs
+
+
+def test_a_change_deep_below_only_reopens_its_own_folder(digested: Path, index: Index) -> None:
+    (digested / "photos" / "2002" / "f1.jpg").write_bytes(b"changed")
+    sync(index, digested, exclude=("*.tmp",))
+    # The changed folder's digest was cleared by the write to its child; its siblings kept theirs.
+    assert digest_of(index, "photos/2002") is None
+    assert digest_of(index, "photos/2001") is not None
+    assert digest_of(index, "docs") is not None
+
+
+def test_changed_excludes_are_applied_in_digested_folders(digested: Path, index: Index) -> None:
+    report = run_scan(index, digested, exclude=())  # the folder's listing is unchanged on disk
+    assert report.clean
+    assert index.entry(1, b"docs/skip.tmp") is not None
+    report = run_scan(index, digested, exclude=("*.tmp",))
+    assert report.clean
+    assert index.entry(1, b"docs/skip.tmp") is None
+
+
+def test_a_racy_child_keeps_its_folder_without_a_digest(digested: Path, index: Index) -> None:
+    racy = digested / "photos" / "2001" / "f2.jpg"
+    future = time.time_ns() + 3600 * 1_000_000_000  # always "in the same tick as the scan"
+    racy.write_bytes(b"written in the tick")
+    os.utime(racy, ns=(future, future))
+    sync(index, digested, exclude=("*.tmp",))
+    sync(index, digested, exclude=("*.tmp",))
+    row = index.entry(1, b"photos/2001/f2.jpg")
+    assert row is not None and row.racy
+    # A same-tick rewrite would leave size, mtime and ctime as they are: only the racy rule
+    # catches it, so this folder must be compared child by child on every sync.
+    assert digest_of(index, "photos/2001") is None
+
+
+def test_a_digest_is_not_stored_over_a_child_written_since_it_was_read(digested: Path, index: Index) -> None:
+    folder = index.folder_state(1, b"photos/2001")
+    assert folder is not None and folder.digest is not None
+    child = index.entry(1, b"photos/2001/f3.jpg")
+    assert child is not None
+    # Another writer (here `verify` accepting a new hash) changes a child after the walk read
+    # the folder's state and before it stores the digest it computed. The corruption mark
+    # alone is no column the walk compares, so it leaves the digest in place.
+    assert index.set_corrupt(child, b"\x01" * 32)
+    assert digest_of(index, "photos/2001") is not None
+    assert index.accept_content(child, b"\x01" * 32, racy=False) is not None
+    assert digest_of(index, "photos/2001") is None
+    index.store_digests([(b"\x02" * 20, folder.id, folder.generation)])
+    assert digest_of(index, "photos/2001") is None
+    fresh = index.folder_state(1, b"photos/2001")
+    assert fresh is not None and fresh.generation > folder.generation
+    index.store_digests([(b"\x02" * 20, fresh.id, fresh.generation)])
+    assert digest_of(index, "photos/2001") == b"\x02" * 20
+
+
+def test_an_index_of_schema_3_is_migrated_and_its_folders_digested(library: Path, db: Path) -> None:
+    make_tree(library)
+    old = sqlite3.connect(db, isolation_level=None)
+    for version, script in enumerate(MIGRATIONS[:3], start=1):
+        for statement in _statements(script):
+            old.execute(statement)
+        old.execute(f"PRAGMA user_version = {version}")
+    old.close()
+    index = Index(db)
+    try:
+        assert index.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        triggers = {r[0] for r in index.db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert triggers == {"entries_child_added", "entries_child_removed", "entries_child_changed"}
+        sync(index, library, exclude=("*.tmp",))
+        stored(index, library)
+    finally:
+        index.close()
