@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +218,8 @@ def _metrics(table: Mapping[str, Any], where: str) -> MetricsConfig:
 
 
 def load(path: Path) -> Config:
+    import tomllib  # here: a command run without a configuration file does not need it
+
     source = str(path)
     try:
         with path.open("rb") as f:

@@ -11,10 +11,12 @@ import contextlib
 import gc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from daemon.index import Index
 from daemon.model import join
+
+if TYPE_CHECKING:  # imported by every CLI command (for DEFAULT_MIN_SIZE): no SQLite module here
+    from daemon.index import Index
 
 # Empty files are all "the same content" and waste nothing: skipped unless asked for.
 DEFAULT_MIN_SIZE = 1

@@ -8,15 +8,17 @@ alerts on carry a stable ``MESSAGE_ID`` (sd-id128), as systemd's catalog does.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
-import structlog
+# structlog (and with it asyncio, logging and rich) takes ~60 ms to import: a CLI command that
+# logs nothing must not pay for it. It is imported by `configure`, and `configure(lazy=True)`
+# puts even that off until the first log call (see `get`).
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# logging.DEBUG, INFO, WARNING, ERROR: the numbers, so that this module does not import logging.
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 # syslog priorities, as journald expects them in PRIORITY=.
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
@@ -82,8 +84,22 @@ def _plain_values(logger: Any, method: str, event: MutableMapping[str, Any]) -> 
     return {k: os.fsdecode(v) if isinstance(v, bytes) else v for k, v in event.items() if v is not None}
 
 
-def configure(level: str = "info", *, journald: bool = False, stream: TextIO | None = None) -> None:
-    """Journald when asked (the daemon under systemd), else console on a TTY, else key=value lines."""
+# The settings of a `configure(lazy=True)` not applied yet (empty: none).
+_pending: dict[str, Any] = {}
+
+
+def configure(level: str = "info", *, journald: bool = False, stream: TextIO | None = None, lazy: bool = False) -> None:
+    """Journald when asked (the daemon under systemd), else console on a TTY, else key=value lines.
+
+    ``lazy``: only note the settings; the first call of a logger from `get` applies them (the
+    CLI's one-shot commands, which mostly log nothing).
+    """
+    _pending.clear()
+    if lazy:
+        _pending.update(level=level, journald=journald, stream=stream)
+        return
+    import structlog
+
     out = stream or sys.stderr
     processors: list[Any] = [structlog.processors.add_log_level, _plain_values]
     # log.exception() leaves only exc_info=True in the event: without this the journal got
@@ -120,5 +136,25 @@ def under_journald() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+class _Deferred:
+    """What `get` returns while a lazy `configure` is pending: structlog's logger, configured
+    (and imported) by its first call."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if _pending:
+            configure(**_pending)
+        if self._logger is None:
+            self._logger = get(self._name)
+        return getattr(self._logger, attr)
+
+
 def get(name: str = "treewatch") -> Any:
+    if _pending:
+        return _Deferred(name)
+    import structlog
+
     return structlog.get_logger(name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -105,6 +104,8 @@ def write_textfile(index: Index, config: Config, path: Path) -> None:
     user), then ``os.replace``; the temporary name ends in ``.tmp`` and starts with a dot,
     which the textfile collector ignores.
     """
+    import tempfile  # the daemon's: `status --prometheus` does not need it
+
     text = render(index, config)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -1,21 +1,17 @@
-"""The scan's progress display on a TTY (rich), and nothing at all elsewhere."""
+"""The scan's progress display on a TTY (rich), and nothing at all elsewhere.
+
+rich is imported only when the bar is shown: it costs ~20 ms of a one-shot command's start.
+"""
 
 from __future__ import annotations
 
 import os
-from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from rich.progress import Progress, TaskID
 
 
 class ScanProgress:
@@ -24,6 +20,17 @@ class ScanProgress:
     def __init__(self, *, enabled: bool) -> None:
         self.bar: Progress | None = None
         if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self.bar = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),

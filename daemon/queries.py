@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon.config import Config
-from daemon.fs import DaemonLock, pid_alive
 from daemon.index import Index
 from daemon.model import Entry, RootState, join
-from daemon.rebuild import rebuild_status
+
+# `ls` and `changes` use this module too: what only `status` needs (the daemon's lock, the
+# rebuild's state, and with them the hasher) is imported by the functions that use it.
 
 
 def iso(ts: float | None) -> str | None:
@@ -20,6 +21,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def daemon_info(index: Index) -> dict[str, Any] | None:
+    from daemon.fs import DaemonLock
+
     row = index.daemon_row()
     if row is None or not DaemonLock.held(index.path):
         return None
@@ -28,6 +31,8 @@ def daemon_info(index: Index) -> dict[str, Any] | None:
 
 
 def status(index: Index, config: Config) -> dict[str, Any]:
+    from daemon.fs import pid_alive
+
     active = {s.root_id: s for s in index.active_scans() if pid_alive(s.pid)}
     roots = []
     observers = {os.fsencode(r.path): r.observer for r in config.roots}
@@ -82,6 +87,8 @@ def status(index: Index, config: Config) -> dict[str, Any]:
 
 def _rebuild(index: Index) -> dict[str, Any] | None:
     """What `rebuild` (or the daemon after an upgrade) has left to do; None when nothing."""
+    from daemon.rebuild import rebuild_status
+
     r = rebuild_status(index)
     if not r.pending_files and r.started_at is None:
         return None

@@ -29,15 +29,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from daemon import fs
 from daemon.hasher import Unstable, hash_file
 from daemon.index import Index, JobRow, Rebuilt
 from daemon.model import Entry, RootState, join
 from daemon.rules import HASH_SCHEME, granularity_ns, is_racily_clean
-from daemon.scan import NoProgress, Progress
+
+if TYPE_CHECKING:  # `status` imports this module for rebuild_status: it needs no scanner
+    from daemon.scan import Progress
 
 JOB = "rebuild"
 DEFAULT_BATCH = 1000
@@ -114,6 +116,10 @@ def rebuild(
     workers: int = DEFAULT_WORKERS,
 ) -> RebuildReport:
     """Re-derive every file whose scheme is older than ``HASH_SCHEME``; see the module doc."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon.scan import NoProgress
+
     started = time.monotonic()
     stop = stop or threading.Event()
     progress = progress or NoProgress()

@@ -1,32 +1,30 @@
 """The library tools' commands (`dupes`, `verify`, `rebuild`): parse, call, render. No logic.
 
 Registered into cli.py's parser and command table; the work is in dupes.py, verify.py and
-rebuild.py.
+rebuild.py. Like cli.py, this module is imported by every command: a command imports what it
+uses itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.filesize import decimal as human_bytes
-
-from daemon import dupes, rebuild, verify
-from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Fail, absolute, open_index
+from daemon import dupes
+from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Fail, absolute, human_bytes, open_index
 from daemon.config import Config
-from daemon.index import Index, RootRow
-from daemon.model import is_within
-from daemon.progress import ScanProgress
+
+if TYPE_CHECKING:
+    import threading
+
+    from daemon import verify
+    from daemon.index import Index, RootRow
 
 MB = 1_000_000  # --max-rate is in MB/s, decimal like the progress display
 
@@ -69,6 +67,8 @@ def add_parsers(sub: Any) -> None:
 
 def scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
     """(root, relative path) for PATH, or every indexed root."""
+    from daemon.model import is_within
+
     roots = index.roots()
     if path is None:
         return [(r, b"") for r in roots]
@@ -82,6 +82,9 @@ def scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
 @contextlib.contextmanager
 def stopping() -> Iterator[threading.Event]:
     """SIGINT and SIGTERM stop the work at the next file, so its progress is saved."""
+    import signal
+    import threading
+
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -92,6 +95,8 @@ def stopping() -> Iterator[threading.Event]:
 
 
 def _when(ns: int) -> str:
+    from datetime import UTC, datetime
+
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds")
 
 
@@ -100,6 +105,8 @@ def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
     chosen = [] if args.path is None else [(r.id, rel) for r, rel in scopes(index, args.path)]
     report = dupes.find(index, args.min_size, chosen)
     if args.json:
+        import json
+
         groups = [
             {"size": g.size, "blake3": g.blake3.hex(), "wasted_bytes": g.wasted,
              "copies": [{"dev": c.dev, "inode": c.inode, "paths": [os.fsdecode(p) for p in c.paths]}
@@ -127,6 +134,9 @@ def _finding(f: verify.Finding) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from daemon import verify
+    from daemon.progress import ScanProgress
+
     index = open_index(config)
     if args.accept is not None:
         if args.path is not None:
@@ -137,6 +147,8 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
         report = verify.verify(index, scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
     code = EXIT_FAILURE if report.corrupt or report.errors or report.interrupted else EXIT_OK
     if args.json:
+        import json
+
         print(json.dumps({
             "checked": report.checked, "checked_bytes": report.checked_bytes, "skipped": report.skipped,
             "cleared": report.cleared, "resumed": report.resumed, "interrupted": report.interrupted,
@@ -169,12 +181,16 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def _accept(args: argparse.Namespace, index: Index) -> int:
+    from daemon import verify
+
     chosen = scopes(index, args.accept)
     try:
         accepted = [a for root, rel in chosen for a in verify.accept(index, root, rel)]
     except verify.VerifyError as e:
         raise Fail(str(e)) from None
     if args.json:
+        import json
+
         print(json.dumps({"accepted": [
             {"path": os.fsdecode(a.path), "old_blake3": a.old_blake3.hex(), "new_blake3": a.new_blake3.hex(),
              "seq": a.seq} for a in accepted]}))  # fmt: skip
@@ -185,12 +201,17 @@ def _accept(args: argparse.Namespace, index: Index) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
+    from daemon import rebuild
+    from daemon.progress import ScanProgress
+
     index = open_index(config)
     started = time.monotonic()
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         report = rebuild.rebuild(index, config.sync.batch_size, stop, progress, workers=config.sync.hash_workers)
     code = EXIT_FAILURE if report.errors or report.corrupt or report.interrupted else EXIT_OK
     if args.json:
+        import json
+
         print(json.dumps({
             "needed": report.needed, "rebuilt": report.rebuilt, "rebuilt_bytes": report.rebuilt_bytes,
             "skipped": report.skipped, "corrupt": [os.fsdecode(p) for p in report.corrupt],

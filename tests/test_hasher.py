@@ -83,4 +83,3 @@ def test_a_file_truncated_while_b3sum_maps_it_is_unstable_and_nothing_else_dies(
     assert not worker.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], Unstable), outcome
     assert _hash(path) == blake3.blake3(bytes(4096)).digest()  # and the process hashes on
-
