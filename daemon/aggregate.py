@@ -18,6 +18,16 @@ from daemon.model import ScanScope, is_within, parent_of
 # entry's identity. Syncthing releases removes last for the same reason (watchaggregator isOld:
 # "Deletes should in general be scanned last, therefore they are delayed").
 DELETE_HOLD_FACTOR = 1.5
+# When the next round is due, it waits for every path that comes due within this fraction of
+# debounce_s after the first, and takes them together. The events of a burst (100 photos copied
+# into a folder) reach the loop a few milliseconds apart, so their quiet windows close a few
+# milliseconds apart too: without this, each wake-up took the few that had just come due and
+# one burst became two to four back-to-back scans, each paying a scan's fixed costs (P3).
+# Waiting for the last window rather than taking the rest early keeps the rule that nothing is
+# scanned before it has been quiet for debounce_s; the first path waits at most this fraction
+# longer. Syncthing gets the same effect from its timer: what came due between two ticks goes
+# out as one batch.
+COALESCE_FRACTION = 0.1
 
 
 @dataclass(slots=True)
@@ -77,9 +87,18 @@ class Aggregator:
         ev.deleted, ev.at_once = False, True
 
     def next_due(self) -> float | None:
-        """When due() will next return something; None when nothing is pending."""
-        # A linear scan: at most max_pending entries, and it runs once per loop wake-up.
-        return min((self._due_at(ev) for ev in self._events.values()), default=None)
+        """When to take the next round; None when nothing is pending.
+
+        The earliest time a path is due, moved later to the last time another path comes due
+        within ``COALESCE_FRACTION`` of the window after it: a burst is one round. due() returns
+        something from the earliest of these times on; the caller waits for this one.
+        """
+        # Linear scans: at most max_pending entries, and this runs once per loop wake-up.
+        times = [self._due_at(ev) for ev in self._events.values()]
+        if not times:
+            return None
+        horizon = min(times) + self._cfg.debounce_s * COALESCE_FRACTION
+        return max(t for t in times if t <= horizon)
 
     def due(self, now: float) -> list[ScanScope]:
         """Removes what is due at ``now``; returns the fewest scopes covering it, deletions last."""

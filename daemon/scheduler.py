@@ -327,13 +327,16 @@ class Scheduler:
             self._timers(rt, now)
             if now >= rt.next_identity_check:
                 await self._check_identity(rt, now)
-            scopes = rt.aggregator.due(now) if now >= rt.retry_after else []
+            # Not due() as soon as something is due: next_due() waits for the rest of a burst
+            # whose windows close within a few milliseconds, so that the burst is one scan.
+            next_due = rt.aggregator.next_due()
+            ready = next_due is not None and now >= max(next_due, rt.retry_after)
+            scopes = rt.aggregator.due(now) if ready else []
             if scopes:
                 await self._scan(rt, scopes)
                 continue
             deadlines = [rt.next_full, rt.next_poll if rt.observer_state in ("polling", "offline") else float("inf")]
             deadlines.append(rt.next_identity_check)
-            next_due = rt.aggregator.next_due()
             if next_due is not None:
                 deadlines.append(max(next_due, rt.retry_after))
             rt.sleep_until = min(deadlines)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.aggregate import DELETE_HOLD_FACTOR, Aggregator
+from daemon.aggregate import COALESCE_FRACTION, DELETE_HOLD_FACTOR, Aggregator
 from daemon.config import WatchConfig
 from daemon.model import ScanScope
 
@@ -116,6 +116,111 @@ def test_the_root_itself_is_a_non_recursive_scope() -> None:
     a = agg()
     a.add(b"", 0.0)
     assert a.due(20.0) == [ScanScope(ROOT, b"", False)]
+
+
+# --- a burst is one round: next_due waits for what comes due within a tenth of the window ------------
+
+
+def test_coalesce_fraction_is_a_tenth() -> None:
+    assert COALESCE_FRACTION == 0.1
+
+
+def test_burst_whose_windows_close_within_the_slack_is_one_round() -> None:
+    a = agg()  # debounce 20 s: the slack is 2 s
+    names = [f"album/img{i:03d}.jpg".encode() for i in range(100)]
+    for i, rel in enumerate(names):
+        a.add(rel, i * 0.019)  # the last one at 1.881 s: due at 21.881, within 2 s of the first (20)
+    assert a.next_due() == 20.0 + 99 * 0.019
+    assert a.due(a.next_due() or 0.0) == [scope(rel) for rel in names]
+    assert a.pending == 0
+    assert a.next_due() is None
+
+
+def test_due_itself_never_releases_a_path_before_its_window_closes() -> None:
+    a = agg()
+    a.add(b"a", 0.0)
+    a.add(b"b", 1.0)
+    assert a.next_due() == 21.0  # the round waits for b...
+    assert a.due(20.5) == [scope(b"a")]  # ...but a caller that asks early gets only what is due
+    assert a.next_due() == 21.0
+    assert a.due(20.9) == []
+
+
+def test_paths_due_later_than_the_slack_wait_for_their_own_round() -> None:
+    a = agg()
+    a.add(b"album/a.jpg", 0.0)
+    a.add(b"album/b.jpg", 1.5)  # due at 21.5: within the slack after a (20)
+    a.add(b"album/c.jpg", 2.5)  # due at 22.5: not
+    a.add(b"other/d.jpg", 1.0)  # another folder, due at 21: goes too
+    assert a.next_due() == 21.5
+    assert a.due(21.5) == [scope(b"album/a.jpg"), scope(b"album/b.jpg"), scope(b"other/d.jpg")]
+    assert a.next_due() == 22.5
+    assert a.due(22.5) == [scope(b"album/c.jpg")]
+
+
+def test_the_slack_ends_exactly_a_tenth_of_the_window_after_the_first_due_time() -> None:
+    a = agg()
+    slack = DEFAULT.debounce_s * COALESCE_FRACTION  # 2.0, exactly
+    a.add(b"a", 0.0)
+    a.add(b"b", slack)  # due exactly at 20 + slack: waited for
+    a.add(b"c", slack + 1e-6)  # a hair later: not
+    assert a.next_due() == 20.0 + slack
+    assert a.due(20.0 + slack) == [scope(b"a"), scope(b"b")]
+    assert a.pending == 1
+
+
+def test_the_wait_is_bounded_by_the_first_due_time_not_chained() -> None:
+    a = agg()
+    for i in range(50):
+        a.add(f"f{i:02d}".encode(), i * 1.5)  # each due 1.5 s after the previous: every pair within 2 s
+    assert a.next_due() == 21.5  # f00 (20) waits for f01 (21.5) only: f02 (23) is beyond 20 + 2
+    assert a.due(21.5) == [scope(b"f00"), scope(b"f01")]
+    assert a.next_due() == 24.5
+
+
+@pytest.mark.parametrize(
+    ("debounce_s", "second_at", "together"),
+    [
+        pytest.param(20.0, 1.9, True, id="20 s window: 1.9 s later is waited for"),
+        pytest.param(0.2, 0.019, True, id="0.2 s window: 19 ms later is waited for"),
+        pytest.param(0.2, 0.021, False, id="0.2 s window: 21 ms later is not"),
+        pytest.param(0.0, 1e-9, False, id="no window: no slack"),
+    ],
+)
+def test_the_slack_scales_with_the_window(debounce_s: float, second_at: float, together: bool) -> None:
+    a = agg(debounce_s=debounce_s)
+    a.add(b"a", 0.0)
+    a.add(b"b", second_at)
+    assert a.next_due() == (second_at + debounce_s if together else debounce_s)
+    assert a.due(a.next_due() or 0.0) == ([scope(b"a"), scope(b"b")] if together else [scope(b"a")])
+
+
+def test_a_lone_path_is_not_delayed() -> None:
+    a = agg()
+    a.add(b"a", 0.0)
+    a.add(b"far", 10.0)
+    assert a.next_due() == 20.0
+
+
+def test_a_path_at_its_max_delay_waits_at_most_the_slack() -> None:
+    a = agg()
+    for t in range(0, 300, 10):
+        a.add(b"busy.log", float(t))  # never quiet: due at its max delay, 300
+    a.add(b"photo.jpg", 281.0)  # due at 301
+    a.add(b"later.jpg", 283.0)  # due at 303
+    assert a.next_due() == 301.0
+    assert a.due(301.0) == [scope(b"busy.log"), scope(b"photo.jpg")]
+    assert a.pending == 1
+
+
+def test_a_held_deletion_due_within_the_slack_is_waited_for() -> None:
+    a = agg()
+    a.add(b"old.jpg", 0.0, deleted=True)  # held until 30
+    a.add(b"new.jpg", 9.5)  # due at 29.5
+    a.add(b"gone.jpg", 11.0, deleted=True)  # due at 41
+    assert a.next_due() == 30.0
+    assert a.due(30.0) == [scope(b"new.jpg"), scope(b"old.jpg")]
+    assert a.pending == 1
 
 
 # --- deletions: later, last, and together with the round --------------------------------------------
@@ -450,6 +555,9 @@ def test_every_event_is_scanned_within_max_delay_and_rounds_have_no_redundant_sc
             assert all(not s.covers(t) for j, t in enumerate(out) if i != j), out
         next_due = a.next_due()
         assert next_due is None or next_due > at  # due() took everything that was due
+        if next_due is not None:  # it waits for a burst, at most the slack after the first due time
+            earliest = min(a._due_at(ev) for ev in a._events.values())
+            assert earliest <= next_due <= earliest + cfg.debounce_s * COALESCE_FRACTION
         rounds.append((at, out))
 
     for op, dt in steps:
