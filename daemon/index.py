@@ -223,8 +223,14 @@ def row_unchanged(row: EntryRow, st: Stat) -> bool:
 
 
 def _under(column: str) -> str:
-    """SQL for "column is :p or below it", with :lo and :hi from `_bounds` (memcmp order)."""
-    return f"({column} = :p OR ({column} >= :lo AND {column} < :hi))"
+    """SQL for "column is :p or below it", with :lo and :hi from `_bounds` (memcmp order).
+
+    One range the index can seek, [p, hi), then the filter: written as "= :p OR the range
+    [lo, hi)", SQLite searched the index by root_id alone and read every entry of the root,
+    86 ms per deleted path on a 1M-entry index. The range also holds p's siblings whose
+    names continue with a byte below '/' ("b.jpg", "b 2/..."): read and filtered out.
+    """
+    return f"({column} >= :p AND {column} < :hi AND ({column} = :p OR {column} >= :lo))"
 
 
 def _bounds(path: bytes) -> dict[str, bytes]:
@@ -773,9 +779,11 @@ class Index:
             return []
         marks = ",".join("?" * len(entry_ids))
         rows = self.db.execute(
-            f"SELECT DISTINCT o.path FROM entries e JOIN entries o ON o.inode = e.inode AND o.dev = e.dev"
-            f" AND o.root_id = e.root_id AND o.id != e.id AND o.kind = 'file'"
-            f" WHERE e.id IN ({marks}) AND e.root_id = ? AND e.kind = 'file' AND e.nlink > 1",
+            # From the given rows by id, then their inode's other rows: left to itself, the
+            # planner read every entry of the root first (16 s for 100 ids on a 1M-entry index).
+            f"SELECT DISTINCT o.path FROM entries e CROSS JOIN entries o INDEXED BY entries_by_inode"
+            f" ON o.inode = e.inode AND o.dev = e.dev AND o.root_id = e.root_id AND o.id != e.id AND o.kind = 'file'"
+            f" WHERE e.id IN ({marks}) AND +e.root_id = ? AND e.kind = 'file' AND e.nlink > 1",
             (*entry_ids, root_id),
         ).fetchall()
         return [bytes(r[0]) for r in rows if not bytes(r[0]).startswith(b"\x00")]

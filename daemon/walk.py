@@ -54,6 +54,7 @@ class WalkState:
     gone: list[bytes] = field(default_factory=list)
     errors: dict[bytes, str] = field(default_factory=dict)
     digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see Index.store_digests
+    refreshed: set[bytes] = field(default_factory=set)  # folders whose own row this walk compared
     seen: int = 0
 
     def queue(self, row: QueueRow) -> None:
@@ -179,7 +180,9 @@ def walk_scope(
                 rel, parent = ancestor, parent_of(ancestor)
                 scope = ScanScope(scope.root, rel, True)
                 break
-        if parent:
+        if parent and parent not in state.refreshed:
+            # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
+            state.refreshed.add(parent)
             _refresh_own_entry(state, root_path, parent)
         entry = index.entry(root_id, rel)
         try:

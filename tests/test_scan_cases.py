@@ -311,3 +311,24 @@ def test_deleting_one_name_of_a_racy_hard_link_keeps_the_others_identity(library
     assert ident(index, library, "two") == two
     assert ("deleted", "one", None) in feed(index, since)
     assert not [c for c in feed(index, since) if c[0] == "renamed"]
+
+
+def test_a_deleted_folder_takes_nothing_of_siblings_that_share_its_name_as_a_prefix(
+    library: Path, index: Index
+) -> None:
+    # In memcmp order "b" < "b 2/x" < "b-c" < "b.jpg" < "b/x" < "b0": the range an index seeks
+    # for "b and below" holds these siblings too, and only the filter keeps them.
+    (library / "b").mkdir()
+    (library / "b" / "x").write_bytes(b"x")
+    (library / "b 2").mkdir()
+    (library / "b 2" / "x").write_bytes(b"y")
+    (library / "b-c").write_bytes(b"z")
+    (library / "b.jpg").write_bytes(b"j")
+    sync(index, library)
+    (library / "b" / "x").unlink()
+    (library / "b").rmdir()
+    sync(index, library, subtrees=(b"b",))  # a scoped scan, as the daemon runs on a delete event
+    assert index.entry(1, b"b") is None and index.entry(1, b"b/x") is None
+    for kept in (b"b 2", b"b 2/x", b"b-c", b"b.jpg"):
+        assert index.entry(1, kept) is not None, kept
+    sync(index, library)
