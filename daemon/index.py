@@ -743,6 +743,13 @@ class Index:
         ).fetchall()
         return [(r[0], r[1], Kind(r[2])) for r in rows]
 
+    def rename_targets(self, scan_id: int) -> dict[int, bytes]:
+        """The renames matched by inode so far: source entry id -> the queued path it moves to."""
+        rows = self.db.execute(
+            "SELECT renamed_from, path FROM scan_queue WHERE scan_id = ? AND renamed_from IS NOT NULL", (scan_id,)
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def queued_row(self, scan_id: int, path: bytes) -> QueueRow | None:
         """One row of a scan's queue, if it is still queued."""
         r = self.db.execute(

@@ -217,9 +217,7 @@ class _Stepper:
                     slot.future = future
             group, slots, group_bytes = [], [], 0
 
-        for row in self.index.queued(self.scan_id):
-            if row.renamed_from is not None:
-                self.rename_sources[row.renamed_from] = row.path
+        self.rename_sources.update(self.index.rename_targets(self.scan_id))
         for row in self.index.queued(self.scan_id):
             if self.stop.is_set():
                 break
