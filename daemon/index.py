@@ -476,11 +476,9 @@ class Index:
 
     def entries_under(self, root_id: int, path: bytes) -> Iterator[Entry]:
         """Entries at or below a root-relative path (b"" is the whole root), in path order."""
-        if path:
-            sql = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r AND {_under('path')} ORDER BY path"
-        else:
-            sql = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r ORDER BY path"
-        for row in self.db.execute(sql, {"r": root_id, **_bounds(path)}):
+        scope, params = _scope(path, None)
+        sql = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE root_id = :r{scope} ORDER BY path"
+        for row in self.db.execute(sql, {"r": root_id, **params}):
             yield _entry(row)
 
     def changes_since(
@@ -961,13 +959,9 @@ class Index:
             self._add_counters(batch.counters)
 
     def clear_errors_under(self, root_id: int, path: bytes) -> None:
+        scope, params = _scope(path, None)
         with self.transaction():
-            if path:
-                self.db.execute(
-                    f"DELETE FROM errors WHERE root_id = :r AND {_under('path')}", {"r": root_id, **_bounds(path)}
-                )
-            else:
-                self.db.execute("DELETE FROM errors WHERE root_id = ?", (root_id,))
+            self.db.execute(f"DELETE FROM errors WHERE root_id = :r{scope}", {"r": root_id, **params})
 
     # --- the daemon's row --------------------------------------------------------------
 
