@@ -336,7 +336,8 @@ class _Stepper:
                 # are looked at again (torture seed 1, burst 2: `ln a b; echo >> a` left b
                 # with a's old size and hash in the index for good).
                 self.report.linked += self.index.stale_links(self.root.id, write.path, write.stat)
-        if len(self.batch) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
+        # batch_size counts entries, one queue row each (len(batch) counts a write and its queue row).
+        if len(self.batch.queue_done) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
             self.commit()
 
     def _write_for(self, row: QueueRow, abs_path: bytes, future: Pending | None) -> Write | None:
