@@ -23,6 +23,7 @@ from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
 from daemon.rules import HASH_SCHEME
 
 SCHEMA_VERSION = 4
+CHECKPOINT_PAGES = 8192  # of 4 KiB: SQLite's default page size
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -371,6 +372,11 @@ class Index:
                 # NORMAL in WAL mode loses at most the last transactions on power loss, never
                 # consistency; the next scan finds what they held on disk again.
                 self.db.execute("PRAGMA synchronous = NORMAL")
+                # A checkpoint syncs the WAL and the database to disk. At the default of every
+                # 1000 pages, a first index checkpointed every other batch (the content-hash
+                # index dirties ~600 random pages per 1000 rows): 32 MiB between checkpoints
+                # took a first index of 100k small files from 4.3 s to 4.0 s.
+                self.db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
             else:
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
