@@ -725,14 +725,16 @@ class Index:
             first = False
             after = rows[-1][0]
 
-    def queue_totals(self, scan_id: int) -> tuple[int, int]:
-        """(entries, bytes to hash) still queued."""
+    def queue_totals(self, scan_id: int, small: int) -> tuple[int, int, int]:
+        """(entries, bytes to hash, files of at most ``small`` bytes to hash) still queued."""
         row = self.db.execute(
-            "SELECT count(*), coalesce(sum(size) FILTER (WHERE kind = 'file' AND reason != 'metadata'"
-            " AND renamed_from IS NULL), 0) FROM scan_queue WHERE scan_id = ?",
-            (scan_id,),
+            "SELECT count(*), coalesce(sum(size) FILTER (WHERE hashed), 0),"
+            " count(*) FILTER (WHERE hashed AND size <= ?)"
+            " FROM (SELECT size, kind = 'file' AND reason != 'metadata' AND renamed_from IS NULL AS hashed"
+            " FROM scan_queue WHERE scan_id = ?)",
+            (small, scan_id),
         ).fetchone()
-        return int(row[0]), int(row[1])
+        return int(row[0]), int(row[1]), int(row[2])
 
     def any_gone(self, scan_id: int) -> bool:
         """Whether the scan marked anything gone (step 2 only removes such marks, never adds)."""

@@ -1,19 +1,28 @@
 """The hasher on real files: both read paths and the b3sum child give BLAKE3, and a file that
-changes while it is hashed is never stored as hashed, whichever path hashed it."""
+changes while it is hashed is never stored as hashed, whichever path hashed it. Worker
+processes give exactly what hashing in this process gives, survive being killed and never
+deadlock on full pipes."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 import blake3
 import pytest
+import xattr
 
 from daemon import fs, hasher
-from daemon.hasher import CHILD_HASH_BYTES, SMALL_FILE, Unstable, hash_file
+from daemon.hasher import CHILD_HASH_BYTES, SMALL_FILE, Hashed, HashProcesses, Unstable, hash_file, hash_group
+from daemon.index import Index
+from daemon.model import Stat
+from daemon.scan import PROCESS_MIN_FILES
 from tests.conftest import wait_for
+from tests.engine import counters, run_scan, settle
+from tests.oracle import diff, expected, indexed
 
 needs_b3sum = pytest.mark.skipif(shutil.which("b3sum") is None, reason="b3sum is not installed")
 
@@ -83,3 +92,143 @@ def test_a_file_truncated_while_b3sum_maps_it_is_unstable_and_nothing_else_dies(
     assert not worker.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], Unstable), outcome
     assert _hash(path) == blake3.blake3(bytes(4096)).digest()  # and the process hashes on
+
+
+# --- worker processes ---------------------------------------------------------------------
+
+
+def _hash_workers() -> list[int]:
+    """This process's live worker processes (zombies not yet reaped do not count)."""
+    me = str(os.getpid())
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z" and b"from daemon.hasher import serve" in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def _comparable(outcome: Hashed | Exception) -> object:
+    if isinstance(outcome, Exception):
+        return type(outcome), getattr(outcome, "errno", None)
+    return outcome.digest, outcome.stat, outcome.xattrs
+
+
+def _group(folder: Path, sizes: list[int], name: str = "f") -> list[tuple[bytes, Stat]]:
+    folder.mkdir(exist_ok=True)
+    group = []
+    for i, size in enumerate(sizes):
+        path = os.fsencode(folder / f"{name}{i:03d}")
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+        group.append((path, fs.lstat(path)))
+    return group
+
+
+def test_worker_processes_give_what_this_process_gives(tmp_path: Path) -> None:
+    group = _group(tmp_path / "d", [0, 1, 4096, SMALL_FILE + 1, 70_000])
+    xattr.set(group[2][0], b"user.rating", b"5")
+    group[2] = (group[2][0], fs.lstat(group[2][0]))  # setting it moved the ctime
+    vanished, fifo = group[3][0], group[4][0]
+    os.unlink(vanished)
+    os.unlink(fifo)
+    os.mkfifo(fifo)  # same name, now a FIFO: never read, reported as moved
+    procs = HashProcesses(2)
+    try:
+        answers = [procs.submit(group) for _ in range(4)]  # two for each worker
+        assert len(_hash_workers()) == 2
+        here = [_comparable(o) for o in hash_group(group)]
+        assert here[2][2] == '{"user.rating": "5"}'  # type: ignore[index]
+        assert here[3] == (FileNotFoundError, 2) and here[4] == (fs.Moved, None)
+        for answer in answers:
+            assert [_comparable(o) for o in answer.result()] == here
+    finally:
+        procs.close()
+    assert _hash_workers() == []
+
+
+def test_a_killed_worker_costs_only_time(tmp_path: Path) -> None:
+    group = _group(tmp_path / "d", [1000 + i for i in range(64)])
+    digests = [blake3.blake3(Path(os.fsdecode(p)).read_bytes()).digest() for p, _ in group]
+    procs = HashProcesses(1)
+    try:
+        assert [o.digest for o in procs.submit(group).result() if isinstance(o, Hashed)] == digests
+        (worker,) = _hash_workers()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not _hash_workers(), what="the worker to die")
+        # Sent to a dead worker, or waited for from one: hashed here instead, all of them.
+        answers = [procs.submit(group) for _ in range(3)]
+        for answer in answers:
+            assert [o.digest for o in answer.result() if isinstance(o, Hashed)] == digests
+    finally:
+        procs.close()
+
+
+@pytest.mark.timeout(120)
+def test_full_pipes_both_ways_do_not_deadlock(tmp_path: Path) -> None:
+    # Long names make each group ~17 KB to send; a 2 KB xattr on every file makes each answer
+    # ~140 KB. All groups are sent before any answer is read: the worker fills the result pipe
+    # within a few groups and blocks; the scan then fills the request pipe and must read.
+    group = _group(tmp_path / "d", [100] * 64, name="n" * 200)
+    for path, _ in group:
+        xattr.set(path, b"user.note", b"x" * 2048)
+    group = [(path, fs.lstat(path)) for path, _ in group]
+    here = [_comparable(o) for o in hash_group(group)]
+    procs = HashProcesses(1)
+    try:
+        answers = [procs.submit(group) for _ in range(150)]
+        for answer in answers:
+            assert [_comparable(o) for o in answer.result()] == here
+    finally:
+        procs.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="worker processes leave one core to the scan")
+def test_a_first_index_of_many_small_files_hashes_in_workers_and_resumes(
+    library: Path, db: Path, tmp_path: Path
+) -> None:
+    files = PROCESS_MIN_FILES + 3000
+    total = 0
+    for i in range(files):
+        folder = library / f"d{i % 40:02d}"
+        folder.mkdir(exist_ok=True)
+        data = i.to_bytes(4, "little") * (256 + i % 500)
+        (folder / f"f{i:05d}").write_bytes(data)
+        total += len(data)
+    settle(library)
+    index = Index(db)
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def first_scan() -> None:
+        from daemon.config import RootConfig, SyncConfig
+        from daemon.model import ScanScope
+        from daemon.scan import scan
+
+        rb = os.fsencode(library)
+        outcome.append(
+            scan(Index(db), RootConfig(path=library), [ScanScope(rb, b"")], SyncConfig(hash_workers=2), stop=stop)
+        )
+
+    scanning = threading.Thread(target=first_scan)
+    scanning.start()
+    wait_for(lambda: _hash_workers() or not scanning.is_alive(), interval=0.002, what="a worker process")
+    assert _hash_workers(), "the scan finished before a worker was seen: make the corpus larger"
+    stop.set()  # as on SIGTERM: the scan stops, its workers end with it
+    scanning.join(timeout=60)
+    assert not scanning.is_alive() and outcome[0].interrupted  # type: ignore[attr-defined]
+    assert _hash_workers() == []
+
+    report = run_scan(index, library)
+    assert report.clean and _hash_workers() == []
+    assert diff(expected(library), indexed(db, library)) == []
+    assert counters(index)["files_hashed"] == files
+    assert counters(index)["bytes_hashed"] == total  # nothing committed was hashed again
