@@ -144,8 +144,8 @@ def hash_group(items: list[tuple[bytes, Stat]]) -> list[Hashed | Exception]:
 
 
 # --- worker processes ------------------------------------------------------------------
-# A group crosses the pipe as plain tuples, not dataclasses: pickling a Stat (or an enum)
-# by reference costs more than the hash of a small file.
+# A group crosses the pipe as plain tuples, which pickle in C, not as Stat dataclasses and
+# Kind enums, which pickle through their classes' Python methods.
 _StatFields = tuple[str, int, int, int, int, int, int, int, int, int]
 
 
