@@ -51,7 +51,8 @@ def test_a_large_file_is_hashed_by_b3sum_in_a_child(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def _b3sum_children() -> list[int]:
+def _children(marker: bytes) -> list[int]:
+    """This process's live children (not zombies) whose command line contains ``marker``."""
     me = str(os.getpid())
     found = []
     for pid in os.listdir("/proc"):
@@ -60,13 +61,21 @@ def _b3sum_children() -> list[int]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
         except OSError:
             continue
-        if fields[1] == me and comm == "b3sum":
+        if fields[1] == me and fields[0] != "Z" and marker in cmdline:
             found.append(int(pid))
     return found
+
+
+def _b3sum_children() -> list[int]:
+    return _children(b"b3sum\0--raw")
+
+
+def _hash_workers() -> list[int]:
+    return _children(b"from daemon.hasher import serve")
 
 
 @needs_b3sum
@@ -95,25 +104,6 @@ def test_a_file_truncated_while_b3sum_maps_it_is_unstable_and_nothing_else_dies(
 
 
 # --- worker processes ---------------------------------------------------------------------
-
-
-def _hash_workers() -> list[int]:
-    """This process's live worker processes (zombies not yet reaped do not count)."""
-    me = str(os.getpid())
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z" and b"from daemon.hasher import serve" in cmdline:
-            found.append(int(pid))
-    return found
 
 
 def _comparable(outcome: Hashed | Exception) -> object:
