@@ -320,6 +320,14 @@ class _Stepper:
         write = self._write_for(row, abs_path, future)
         self.batch.queue_done.append(row.path)
         if write is not None:
+            if row.entry_id is not None and row.reason in ("content", "replaced"):
+                # The row this path had may be one name of a hard-linked file whose inode the
+                # path no longer holds (`echo > b; rm b; echo > b`, b a hard link of a): written
+                # through b first, out of sight of a's folder. Its other names are looked at
+                # again, as for a name deleted (_delete_gone). Torture seed 1149277456.
+                self.report.linked += self.index.other_names(
+                    self.root.id, [row.entry_id], unless_inode=write.stat.inode
+                )
             self._occupant(row, write)
             self.batch.writes.append(write)
             # Errors are not cleared here: scan() cleared the scope's old ones before the walk,

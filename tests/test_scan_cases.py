@@ -313,6 +313,34 @@ def test_deleting_one_name_of_a_racy_hard_link_keeps_the_others_identity(library
     assert not [c for c in feed(index, since) if c[0] == "renamed"]
 
 
+@pytest.mark.parametrize("then", ["recreated", "replaced by a folder", "renamed over"])
+def test_a_hard_link_written_through_then_replaced_has_its_other_names_looked_at(
+    library: Path, index: Index, then: str
+) -> None:
+    # `echo > b/two; rm b/two; echo > b/two` with b/two a hard link of a/one: inotify reports
+    # only b, and b/two's row, with the shared inode, is overwritten by the new file's. a/one
+    # was written through b/two first, out of sight of a/: it must be looked at again (the
+    # torture test's create-delete-create over an existing name, seed 1149277456).
+    (library / "a").mkdir()
+    (library / "b").mkdir()
+    (library / "a" / "one").write_bytes(b"linked content")
+    os.link(library / "a" / "one", library / "b" / "two")
+    (library / "b" / "other").write_bytes(b"another file")
+    settle(library)
+    sync(index, library)
+    (library / "b" / "two").write_bytes(b"written through the second name, and longer")
+    (library / "b" / "two").unlink()
+    if then == "recreated":
+        (library / "b" / "two").write_bytes(b"a new file")
+    elif then == "replaced by a folder":
+        (library / "b" / "two").mkdir()
+    else:
+        (library / "b" / "other").rename(library / "b" / "two")
+    report = run_scan(index, library, subtrees=[b"b"])  # the daemon's scope: where events were
+    assert report.linked == [b"a/one"]
+    sync(index, library, subtrees=report.linked)  # what the daemon does with them
+
+
 def test_a_deleted_folder_takes_nothing_of_siblings_that_share_its_name_as_a_prefix(
     library: Path, index: Index
 ) -> None:
