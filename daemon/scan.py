@@ -502,6 +502,7 @@ def scan(
         report.error_count += len(walk.errors)
     if stop.is_set():
         report.interrupted = True
+        report.seconds = time.monotonic() - started
         return report
 
     index.match_renames_by_inode(scan_id)
@@ -523,6 +524,7 @@ def scan(
         if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
     if report.interrupted:
+        report.seconds = time.monotonic() - started
         return report
 
     progress.phase(root_path, "deleting")

@@ -429,9 +429,11 @@ class Scheduler:
             self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
                           hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED,
                           **changed)  # fmt: skip
-        elif changed:
+        elif changed or report.interrupted:
             rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
-            self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
+            # What an interrupted scan committed stays; the next scan finds only the rest.
+            event = "scan interrupted; the next one resumes it" if report.interrupted else "scan finished"
+            self.log.info(event, root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
                           **changed)  # fmt: skip
 
     @staticmethod

@@ -6,6 +6,7 @@ watch events (periodic full syncs are off), and checks the feed for what users r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Daemon, write_config
+from tests.engine import settle
 
 
 @pytest.fixture
@@ -206,5 +208,50 @@ def test_daemon_rebuilds_an_older_scheme_and_writes_metrics(tmp_path: Path, libr
         families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
         assert "treewatch_files_hashed" in families or "treewatch_files_hashed_total" in families
         assert oct(textfile.stat().st_mode & 0o777) == "0o644"
+    finally:
+        assert second.stop() == 0
+
+
+def _hash_workers(parent: int | None = None) -> list[int]:
+    """Live hash worker processes (hasher.serve) on this machine, or of one parent."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if state != "Z" and b"from daemon.hasher import serve" in cmdline and parent in (None, int(ppid)):
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="worker processes leave one core to the scan")
+def test_sigterm_during_a_first_index_in_worker_processes_drains_and_resumes(tmp_path: Path, library: Path) -> None:
+    # Enough files that step 2 lasts ~1 s here (~40 µs a file), so SIGTERM lands in it.
+    files, total = 20_000, 0
+    for i in range(files):
+        folder = library / f"d{i % 40:02d}"
+        folder.mkdir(exist_ok=True)
+        data = i.to_bytes(4, "little") * (256 + i % 500)
+        (folder / f"f{i:05d}.bin").write_bytes(data)
+        total += len(data)
+    settle(library)
+    db = tmp_path / "index.db"
+    config = write_config(tmp_path / "c.toml", db, [library], sync={"startup": True, "batch_size": 200})
+    first = Daemon(config, db, [library], tmp_path / "d1.log").start()
+    assert first.proc is not None
+    daemon_pid = first.proc.pid
+    first.wait(lambda: _hash_workers(daemon_pid), 60, "a hash worker process")
+    assert first.stop() == 0, first.log()[-3000:]
+    log = first.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "scan interrupted; the next one resumes it" in log, log[-3000:]
+    assert _hash_workers() == []  # none left behind, not even re-parented
+
+    second = Daemon(config, db, [library], tmp_path / "d2.log").start()
+    try:
+        second.wait_converged()
+        counters = second.status()["counters"]  # type: ignore[index]
+        assert counters["files_hashed"] == files
+        assert counters["bytes_hashed"] == total  # what the first daemon committed was not hashed again
     finally:
         assert second.stop() == 0
