@@ -159,8 +159,9 @@ def _stat(fields: _StatFields) -> Stat:
 
 def serve(request_fd: int, result_fd: int) -> None:
     """A worker process: hash each group it is sent, until the scan closes its end of the pipe."""
-    # Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group: the scan
-    # drains and closes the pipe, which ends this loop, instead of a traceback per worker.
+    # Ctrl-C in a terminal reaches the whole process group, systemd's SIGTERM the whole
+    # cgroup: the scan drains and closes the pipe, which ends this loop, instead of a
+    # traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from multiprocessing.connection import Connection  # 5 ms of imports: only where used
