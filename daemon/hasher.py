@@ -159,9 +159,9 @@ def _stat(fields: _StatFields) -> Stat:
 
 def serve(request_fd: int, result_fd: int) -> None:
     """A worker process: hash each group it is sent, until the scan closes its end of the pipe."""
-    # Ctrl-C in a terminal reaches the whole process group, systemd's SIGTERM the whole
-    # cgroup: the scan drains and closes the pipe, which ends this loop, instead of a
-    # traceback per worker.
+    # Ctrl-C in a terminal reaches the whole process group (and `systemctl kill` the whole
+    # cgroup): the scan stops and closes the pipes, and this loop ends at its next read or
+    # write, instead of a traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from multiprocessing.connection import Connection  # 5 ms of imports: only where used
@@ -171,7 +171,7 @@ def serve(request_fd: int, result_fd: int) -> None:
     while True:
         try:
             group = pickle.loads(requests.recv_bytes())  # noqa: S301 (from the scan that started this process)
-        except EOFError:
+        except (EOFError, OSError):  # closed, or cut mid-message by a scan killed while sending
             return
         items = [(path, _stat(fields)) for path, fields in group]
         # The stat after hashing is nearly always the one the walk saw: None says so, and
@@ -207,8 +207,14 @@ class HashProcesses:
     """
 
     def __init__(self, count: int) -> None:
-        self.workers = [_Worker() for _ in range(count)]
+        self.workers: list[_Worker] = []
         self.next = 0
+        try:
+            for _ in range(count):
+                self.workers.append(_Worker())
+        except BaseException:  # out of descriptors, say: none of the started ones is left behind
+            self.close()
+            raise
 
     def submit(self, group: list[tuple[bytes, Stat]]) -> Group:
         worker = self.workers[self.next]
@@ -247,10 +253,18 @@ class _Answer:
 class _Worker:
     def __init__(self) -> None:
         child_requests, self.request_fd = os.pipe()
-        result_fd, child_results = os.pipe()
         try:
+            result_fd, child_results = os.pipe()
+        except OSError:
+            os.close(child_requests)
+            os.close(self.request_fd)
+            raise
+        try:
+            # -P: not the current folder first on sys.path, where a `daemon` of another
+            # checkout would give the workers other code than the scan's.
+            serve_call = f"from daemon.hasher import serve; serve({child_requests}, {child_results})"
             self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-c", f"from daemon.hasher import serve; serve({child_requests}, {child_results})"],
+                [sys.executable, "-P", "-c", serve_call],
                 pass_fds=(child_requests, child_results),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -264,8 +278,9 @@ class _Worker:
 
         os.set_blocking(self.request_fd, False)
         for fd in (self.request_fd, result_fd):
-            # Room for a whole hash window of groups each way (the default 64 KiB holds ~10
-            # groups): a worker that blocks stalls the scan. Refused beyond pipe-max-size.
+            # Room for dozens of groups each way (the default 64 KiB holds ~10): a full pipe
+            # stalls the scan or the worker, never both (see submit). Refused beyond
+            # pipe-max-size or the user's pipe quota: the default then.
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self.results = Connection(result_fd, writable=False)

@@ -326,7 +326,7 @@ class _Stepper:
                 # through b first, out of sight of a's folder. Its other names are looked at
                 # again, as for a name deleted (_delete_gone). Torture seed 1149277456.
                 self.report.linked += self.index.other_names(
-                    self.root.id, [row.entry_id], unless_inode=write.stat.inode
+                    self.root.id, [row.entry_id], unless_file=(write.stat.dev, write.stat.inode)
                 )
             self._occupant(row, write)
             self.batch.writes.append(write)
@@ -515,8 +515,11 @@ def scan(
     # One core stays with this process: it walks and commits (a second worker process on two
     # cores made the first index of 100k small files slower, 4.2 s against 3.8 s).
     process_count = min(sync.hash_workers, len(os.sched_getaffinity(0)) - 1)
-    procs = HashProcesses(process_count) if small_files >= PROCESS_MIN_FILES and process_count > 0 else None
+    procs = None
     try:
+        if small_files >= PROCESS_MIN_FILES and process_count > 0:
+            with contextlib.suppress(OSError):  # out of descriptors or processes: threads hash them
+                procs = HashProcesses(process_count)
         _Stepper(index, root, scan_id, sync, report, progress, pool, procs, stop).run()
     finally:
         if procs is not None:

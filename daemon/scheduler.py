@@ -421,19 +421,22 @@ class Scheduler:
                              message_id=MessageId.SCAN_ERROR)  # fmt: skip
         changed = {op.value: n for op, n in report.ops.items() if n}
         poll_pass, rt.poll_pass = rt.poll_pass, False
-        if report.kind is ScanKind.FULL and poll_pass and not changed:
+        if report.interrupted:
+            # What it committed stays; the next scan finds only the rest.
+            rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
+            self.log.info("scan interrupted; the next one resumes it", root=rt.path, kind=report.kind.value,
+                          seconds=round(report.seconds, 3), **changed)  # fmt: skip
+        elif report.kind is ScanKind.FULL and poll_pass and not changed:
             # A polled root is fully synced every poll_interval_s: 1440 alerts a day otherwise.
             self.log.debug("polling pass found nothing new", root=rt.path, seconds=round(report.seconds, 3))
-        elif report.kind is ScanKind.FULL and not report.interrupted:
+        elif report.kind is ScanKind.FULL:
             rt.files = await asyncio.to_thread(self._count_files, rt)
             self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
                           hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED,
                           **changed)  # fmt: skip
-        elif changed or report.interrupted:
+        elif changed:
             rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
-            # What an interrupted scan committed stays; the next scan finds only the rest.
-            event = "scan interrupted; the next one resumes it" if report.interrupted else "scan finished"
-            self.log.info(event, root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
+            self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
                           **changed)  # fmt: skip
 
     @staticmethod

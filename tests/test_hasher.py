@@ -162,6 +162,26 @@ def test_a_killed_worker_costs_only_time(tmp_path: Path) -> None:
         procs.close()
 
 
+def test_workers_run_this_treewatch_whatever_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `python -c` puts the current folder first on sys.path: run from another checkout, the
+    # workers would import its `daemon` and hash by its rules.
+    other = tmp_path / "checkout" / "daemon"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    marker = tmp_path / "other-code-ran"
+    (other / "hasher.py").write_text(f"def serve(*fds):\n    open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(other.parent)
+    group = _group(tmp_path / "d", [10, 20])
+    procs = HashProcesses(1)
+    try:
+        assert [_comparable(o) for o in procs.submit(group).result()] == [_comparable(o) for o in hash_group(group)]
+    finally:
+        procs.close()
+    assert not marker.exists()
+
+
 @pytest.mark.timeout(120)
 def test_full_pipes_both_ways_do_not_deadlock(tmp_path: Path) -> None:
     # Long names make each group ~17 KB to send; a 2 KB xattr on every file makes each answer
