@@ -32,6 +32,19 @@ def settle(path: Path) -> None:
             os.utime(os.path.join(dirpath, n), ns=(old, old), follow_symlinks=False)
 
 
+def many_small_files(root: Path, count: int) -> int:
+    """``count`` files of 1-3 KiB in 40 folders below ``root``, settled; their total bytes."""
+    total = 0
+    for i in range(count):
+        folder = root / f"d{i % 40:02d}"
+        folder.mkdir(exist_ok=True)
+        data = i.to_bytes(4, "little") * (256 + i % 500)
+        (folder / f"f{i:05d}").write_bytes(data)
+        total += len(data)
+    settle(root)
+    return total
+
+
 def run_scan(
     index: Index,
     root: Path,

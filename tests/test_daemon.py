@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Daemon, write_config
-from tests.engine import settle
+from tests.engine import many_small_files
 
 
 @pytest.fixture
@@ -227,14 +227,8 @@ def _hash_workers(parent: int | None = None) -> list[int]:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="worker processes leave one core to the scan")
 def test_sigterm_during_a_first_index_in_worker_processes_drains_and_resumes(tmp_path: Path, library: Path) -> None:
     # Enough files that step 2 lasts ~1 s here (~40 µs a file), so SIGTERM lands in it.
-    files, total = 20_000, 0
-    for i in range(files):
-        folder = library / f"d{i % 40:02d}"
-        folder.mkdir(exist_ok=True)
-        data = i.to_bytes(4, "little") * (256 + i % 500)
-        (folder / f"f{i:05d}.bin").write_bytes(data)
-        total += len(data)
-    settle(library)
+    files = 20_000
+    total = many_small_files(library, files)
     db = tmp_path / "index.db"
     config = write_config(tmp_path / "c.toml", db, [library], sync={"startup": True, "batch_size": 200})
     first = Daemon(config, db, [library], tmp_path / "d1.log").start()

@@ -21,7 +21,7 @@ from daemon.index import Index
 from daemon.model import Stat
 from daemon.scan import PROCESS_MIN_FILES
 from tests.conftest import wait_for
-from tests.engine import counters, run_scan, settle
+from tests.engine import counters, many_small_files, run_scan
 from tests.oracle import diff, expected, indexed
 
 needs_b3sum = pytest.mark.skipif(shutil.which("b3sum") is None, reason="b3sum is not installed")
@@ -206,14 +206,7 @@ def test_a_first_index_of_many_small_files_hashes_in_workers_and_resumes(
     library: Path, db: Path, tmp_path: Path
 ) -> None:
     files = PROCESS_MIN_FILES + 3000
-    total = 0
-    for i in range(files):
-        folder = library / f"d{i % 40:02d}"
-        folder.mkdir(exist_ok=True)
-        data = i.to_bytes(4, "little") * (256 + i % 500)
-        (folder / f"f{i:05d}").write_bytes(data)
-        total += len(data)
-    settle(library)
+    total = many_small_files(library, files)
     index = Index(db)
     stop = threading.Event()
     outcome: list[object] = []
