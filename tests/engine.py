@@ -45,6 +45,24 @@ def many_small_files(root: Path, count: int) -> int:
     return total
 
 
+HASH_WORKER = b"from daemon.hasher import serve"  # in a hash worker process's command line
+
+
+def processes(marker: bytes, parent: int | None) -> list[int]:
+    """Live processes (not zombies) whose command line contains ``marker``; with ``parent``,
+    only its children."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if state != "Z" and marker in cmdline and parent in (None, int(ppid)):
+            found.append(int(pid))
+    return found
+
+
 def run_scan(
     index: Index,
     root: Path,

@@ -6,7 +6,6 @@ watch events (periodic full syncs are off), and checks the feed for what users r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Daemon, write_config
-from tests.engine import many_small_files
+from tests.engine import HASH_WORKER, many_small_files, processes
 
 
 @pytest.fixture
@@ -212,18 +211,6 @@ def test_daemon_rebuilds_an_older_scheme_and_writes_metrics(tmp_path: Path, libr
         assert second.stop() == 0
 
 
-def _hash_workers(parent: int | None = None) -> list[int]:
-    """Live hash worker processes (hasher.serve) on this machine, or of one parent."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if state != "Z" and b"from daemon.hasher import serve" in cmdline and parent in (None, int(ppid)):
-                found.append(int(pid))
-    return found
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="worker processes leave one core to the scan")
 def test_sigterm_during_a_first_index_in_worker_processes_drains_and_resumes(tmp_path: Path, library: Path) -> None:
     # Enough files that step 2 lasts ~1 s here (~40 µs a file), so SIGTERM lands in it.
@@ -234,12 +221,12 @@ def test_sigterm_during_a_first_index_in_worker_processes_drains_and_resumes(tmp
     first = Daemon(config, db, [library], tmp_path / "d1.log").start()
     assert first.proc is not None
     daemon_pid = first.proc.pid
-    first.wait(lambda: _hash_workers(daemon_pid), 60, "a hash worker process")
+    first.wait(lambda: processes(HASH_WORKER, daemon_pid), 60, "a hash worker process")
     assert first.stop() == 0, first.log()[-3000:]
     log = first.log()
     assert "Traceback" not in log, log[-3000:]
     assert "scan interrupted; the next one resumes it" in log, log[-3000:]
-    assert _hash_workers() == []  # none left behind, not even re-parented
+    assert processes(HASH_WORKER, None) == []  # none left behind, not even re-parented
 
     second = Daemon(config, db, [library], tmp_path / "d2.log").start()
     try:

@@ -21,7 +21,7 @@ from daemon.index import Index
 from daemon.model import Stat
 from daemon.scan import PROCESS_MIN_FILES
 from tests.conftest import wait_for
-from tests.engine import counters, many_small_files, run_scan
+from tests.engine import HASH_WORKER, counters, many_small_files, processes, run_scan
 from tests.oracle import diff, expected, indexed
 
 needs_b3sum = pytest.mark.skipif(shutil.which("b3sum") is None, reason="b3sum is not installed")
@@ -51,31 +51,12 @@ def test_a_large_file_is_hashed_by_b3sum_in_a_child(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def _children(marker: bytes) -> list[int]:
-    """This process's live children (not zombies) whose command line contains ``marker``."""
-    me = str(os.getpid())
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z" and marker in cmdline:
-            found.append(int(pid))
-    return found
-
-
 def _b3sum_children() -> list[int]:
-    return _children(b"b3sum\0--raw")
+    return processes(b"b3sum\0--raw", os.getpid())
 
 
 def _hash_workers() -> list[int]:
-    return _children(b"from daemon.hasher import serve")
+    return processes(HASH_WORKER, os.getpid())
 
 
 @needs_b3sum
