@@ -53,8 +53,10 @@ from daemon.config import RootConfig, WatchConfig
 from daemon.fs import fs_type
 from daemon.walk import Excluder
 
-# The watchdog versions whose internals this module was read against and tested with.
-CHECKED_WATCHDOG = ((7, 1),)
+# The watchdog releases whose internals this module was read against and tested with. A patch
+# release may rewrite them: 7.1.1 replaced the path maps by a tree of nodes, and with this
+# module's overrides on it the daemon placed its watches and then never saw an event.
+CHECKED_WATCHDOG = ((7, 1, 0),)
 RETRY_BASE_S = 60.0  # first inotify retry after a fallback to polling...
 RETRY_MAX_S = 3600.0  # ...doubling up to this (syncthing #5731, #6228: never spin on retries)
 # inotify does not see changes made by another client of a network filesystem, nor most
@@ -76,17 +78,17 @@ def _check_watchdog() -> None:
     ``InotifyWatchGroup.on_queue_overflow`` only, which re-adds the watches and logs a warning
     (inotify_c.py:336-348, inotify.py:212-225). And a watch that fails below the root is
     swallowed (inotify.py:357-372). Both are caught by overriding those private methods, so a
-    new major version must be read again before it is trusted with a NAS's index.
+    new release, even a patch release, must be read again before it is trusted with a NAS's index.
     """
-    found = (watchdog.version.VERSION_MAJOR, watchdog.version.VERSION_MINOR)
+    found = (watchdog.version.VERSION_MAJOR, watchdog.version.VERSION_MINOR, watchdog.version.VERSION_BUILD)
     needed = ("on_queue_overflow", "on_event", "on_watch_deleted", "_add_callback", "_add_all_callbacks")
     missing = [name for name in needed if not hasattr(InotifyWatchGroup, name)]
-    if found[0] not in {major for major, _ in CHECKED_WATCHDOG} or missing:
+    if found not in CHECKED_WATCHDOG or missing:
         raise ImportError(
             f"daemon.watch was checked against watchdog {CHECKED_WATCHDOG} and found "
             f"{watchdog.version.VERSION_STRING}{f' without {missing}' if missing else ''}: its inotify internals "
             "(overflow callback, silent watch failures below the root) must be re-read before use; "
-            "see docs/overflow.md. Install watchdog>=7.1,<8."
+            "see docs/overflow.md. Install watchdog==7.1.0."
         )
 
 
