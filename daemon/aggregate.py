@@ -91,14 +91,43 @@ class Aggregator:
 
         The earliest time a path is due, moved later to the last time another path comes due
         within ``COALESCE_FRACTION`` of the window after it: a burst is one round. due() returns
-        something from the earliest of these times on; the caller waits for this one.
+        something from the earliest of these times on; the caller waits for this one. It is
+        never later than any pending path's `deadline`: the wait for the rest of a burst does not
+        carry a path past the bound that max_delay_s promises.
         """
         # Linear scans: at most max_pending entries, and this runs once per loop wake-up.
-        times = [self._due_at(ev) for ev in self._events.values()]
-        if not times:
+        if not self._events:
             return None
-        horizon = min(times) + self._cfg.debounce_s * COALESCE_FRACTION
+        times = [self._due_at(ev) for ev in self._events.values()]
+        slack_ends = min(times) + self._cfg.debounce_s * COALESCE_FRACTION
+        horizon = min(slack_ends, *(self._deadline(ev) for ev in self._events.values()))
+        # Not empty: a path is due no later than its deadline, so min(times) <= horizon.
         return max(t for t in times if t <= horizon)
+
+    def deadline(self, first: float) -> float:
+        """The latest a path first seen at ``first`` is emitted: the promise of max_delay_s
+        (a held deletion may wait its own longer hold when max_delay_s is shorter)."""
+        return first + max(self._cfg.max_delay_s, self._cfg.debounce_s * DELETE_HOLD_FACTOR)
+
+    def oldest(self, limit: int) -> list[tuple[bytes, float]]:
+        """The ``limit`` pending paths seen first, with the time each was first seen."""
+        return sorted(((p, ev.first) for p, ev in self._events.items()), key=lambda pf: (pf[1], pf[0]))[:limit]
+
+    def late(self, now: float, margin: float) -> list[tuple[bytes, float]]:
+        """Pending paths past their deadline by more than ``margin`` at ``now``, oldest first,
+        with the time each was first seen. Empty while the caller takes rounds when told."""
+        return sorted(
+            ((p, ev.first) for p, ev in self._events.items() if now > self._deadline(ev) + margin),
+            key=lambda pf: (pf[1], pf[0]),
+        )
+
+    def expedite(self, paths: list[bytes]) -> None:
+        """Makes these pending paths due at once: the daemon's guard against a round that should
+        have been taken and was not. Whatever went wrong in the timing, they go in the next round."""
+        for p in paths:
+            ev = self._events.get(p)
+            if ev is not None:
+                ev.at_once = True
 
     def due(self, now: float) -> list[ScanScope]:
         """Removes what is due at ``now``; returns the fewest scopes covering it, deletions last."""
@@ -136,6 +165,9 @@ class Aggregator:
             return ev.first
         hold = self._cfg.debounce_s * (DELETE_HOLD_FACTOR if ev.deleted else 1.0)
         return min(ev.last + hold, ev.first + self._cfg.max_delay_s)
+
+    def _deadline(self, ev: _Pending) -> float:
+        return ev.first if ev.at_once else self.deadline(ev.first)
 
     def _scope(self, rel: bytes) -> ScanScope:
         return ScanScope(self.root, rel, self._events[rel].recursive)
