@@ -92,6 +92,18 @@ def read_xattrs(target: bytes | int) -> str | None:
     return json.dumps({os.fsdecode(k): os.fsdecode(v) for k, v in sorted(items)}, sort_keys=True)
 
 
+def check_same(path: bytes, expected: Stat) -> None:
+    """Raise unless ``path`` still holds the entry the walk saw (same device, inode and kind):
+    FileNotFoundError or NotADirectoryError when nothing is there, Moved when another is."""
+    st = os.lstat(path)
+    if (st.st_dev, st.st_ino, stat_mod.S_IFMT(st.st_mode)) != (
+        expected.dev,
+        expected.inode,
+        stat_mod.S_IFMT(expected.mode),
+    ):
+        raise Moved(path)
+
+
 def read_link(path: bytes) -> bytes:
     return os.readlink(path)
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from daemon.model import Entry, Kind, Op, RootState, Stat, parent_of
 from daemon.rules import HASH_SCHEME
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHECKPOINT_PAGES = 8192  # of 4 KiB: SQLite's default page size
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
@@ -168,6 +168,12 @@ MIGRATIONS: tuple[str, ...] = (
             WHERE id IN (OLD.parent_id, NEW.parent_id);
     END;
     """,
+    # 5: how long the oldest pending path of a root has waited, and the oldest few, published
+    # by the daemon so that `status` shows a round that is late (docs/aggregation.md, "Stalls").
+    """
+    ALTER TABLE roots ADD COLUMN pending_since REAL;   -- wall-clock time its oldest pending event came
+    ALTER TABLE roots ADD COLUMN pending_paths TEXT;   -- JSON list of the oldest pending paths (fsdecoded)
+    """,
 )
 
 
@@ -271,6 +277,8 @@ class RootRow:
     overflows: int
     observer: str | None
     pending: int
+    pending_since: float | None
+    pending_paths: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,6 +647,22 @@ class Index:
                     f" WHERE root_id = :r AND {_under('path')}",
                     {"s": scan_id, "r": root_id, **_bounds(path)},
                 )
+
+    def mark_gone_below_gone(self, scan_id: int, root_id: int) -> None:
+        """Mark gone every row whose folder is marked gone, level by level until none is new.
+
+        The walk marked whole subtrees (mark_gone), so this finds only rows written since below
+        a folder found gone. One probe of entries_by_parent per gone entry, per level."""
+        with self.transaction():
+            while True:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO scan_gone SELECT :s, e.id FROM scan_gone g"
+                    " CROSS JOIN entries e INDEXED BY entries_by_parent ON e.root_id = :r AND e.parent_id = g.entry_id"
+                    " WHERE g.scan_id = :s",
+                    {"s": scan_id, "r": root_id},
+                )
+                if cur.rowcount <= 0:
+                    return
 
     def match_renames_by_inode(self, scan_id: int) -> list[tuple[bytes, int, bytes]]:
         """Pairs (new path, gone entry id, its old path) with the same dev, inode and kind.
@@ -1242,8 +1266,13 @@ class AsyncIndex:
             "INSERT OR REPLACE INTO daemon VALUES (1, ?, ?, ?, ?, ?)", (pid, started_at, state, activity, time.time())
         )
 
-    async def root_runtime(self, path: bytes, *, pending: int, observer: str) -> None:
-        await self._write("UPDATE roots SET pending = ?, observer = ? WHERE path = ?", (pending, observer, path))
+    async def root_runtime(
+        self, path: bytes, *, pending: int, observer: str, pending_since: float | None, pending_paths: str | None
+    ) -> None:
+        await self._write(
+            "UPDATE roots SET pending = ?, observer = ?, pending_since = ?, pending_paths = ? WHERE path = ?",
+            (pending, observer, pending_since, pending_paths, path),
+        )
 
     async def count_overflows(self, path: bytes, n: int) -> None:
         await self._write("UPDATE roots SET overflows = overflows + ? WHERE path = ?", (n, path))

@@ -351,6 +351,12 @@ class _Stepper:
             # what is here now is new, and the old row is parked by _occupant, not updated.
             row = dataclasses.replace(row, reason="new")
         try:
+            if future is None:
+                # Nothing will open this entry (a rename, a metadata refresh, a folder): make sure
+                # it is still the one the walk saw before its row says so. xattrs and readlink
+                # cannot tell: an xattr read of a vanished path finds "none" (torture seed 777001:
+                # a file renamed into a folder that moved away before the write was stored there).
+                fs.check_same(abs_path, st)
             if row.renamed_from is not None:
                 old_path = self._path_of(row.renamed_from)
                 self.moved.add(row.renamed_from)
@@ -373,6 +379,10 @@ class _Stepper:
         except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
             # It changed between the walk and now: not stored as hashed, looked at again later.
             self.report.unstable.append(row.path)
+            if row.renamed_from is not None:
+                # Matching took the source off the gone list; its row stays where it was until
+                # both ends are looked at again, together (the daemon adds them in one round).
+                self.report.unstable.append(self._path_of(row.renamed_from))
             return None
         except OSError as e:
             self.batch.errors[row.path] = f"{os.strerror(e.errno or 0) if e.errno else e}"
@@ -428,6 +438,10 @@ def _delete_gone(index: Index, root: RootRow, scan_id: int, sync: SyncConfig, re
     """Step 3: delete what the walk did not find, re-checking before each batch that the root
     is still online — a disk unmounted mid-scan deletes nothing (Syncthing checks its folder
     marker at the same two points)."""
+    # A row that step 2 wrote below a folder that step 1 found gone (it came back between the
+    # two, or went after its child was walked) goes with it: never a row whose folder's row is
+    # deleted (torture seed 777001).
+    index.mark_gone_below_gone(scan_id, root.id)
     while True:
         chunk = index.gone(scan_id, sync.batch_size)
         if not chunk:

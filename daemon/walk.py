@@ -188,8 +188,11 @@ def walk_scope(
         try:
             st = fs.lstat(join(root_path, rel))
         except (FileNotFoundError, NotADirectoryError):
-            if entry is not None:
-                state.mark_gone(rel)
+            # Whatever is indexed at or below a path that is not on disk is gone, whether or not
+            # the path itself has a row: a folder's row may already be deleted while a row below
+            # it survived (torture seed 777001; scan._delete_gone now prevents that, and this
+            # still clears any such row the folder's own round meets).
+            state.mark_gone(rel)
             return
         except OSError as e:
             state.errors[rel] = _error_text(e)

@@ -7,16 +7,19 @@ specific promise of its case (entry ids kept, nothing re-hashed, the op in the f
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import xattr
 
 from daemon import queries
+from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
-from daemon.scan import ScanReport
+from daemon.model import ScanScope
+from daemon.scan import NoProgress, ScanReport, scan
 from tests.engine import replay, rows, run_scan, settle
 from tests.oracle import diff, expected
 
@@ -360,3 +363,161 @@ def test_a_deleted_folder_takes_nothing_of_siblings_that_share_its_name_as_a_pre
     for kept in (b"b 2", b"b 2/x", b"b-c", b"b.jpg"):
         assert index.entry(1, kept) is not None, kept
     sync(index, library)
+
+
+class _MovesFolderOnFirstAsk(threading.Event):
+    """A scan's `stop` that, the first time the walk asks it, moves a folder: the disk changing
+    between two scopes of one walk, at the one point where a test can put it exactly."""
+
+    def __init__(self, src: Path, dest: Path) -> None:
+        super().__init__()
+        self.src, self.dest, self.moved = src, dest, False
+
+    def is_set(self) -> bool:
+        if not self.moved:
+            self.moved = True
+            os.rename(self.src, self.dest)
+        return super().is_set()
+
+
+def test_folder_moved_between_two_scopes_of_one_walk_leaves_no_row_below_it(library: Path, index: Index) -> None:
+    """Torture seed 777001: `mv album5/c-25 album4/…/c-532` while another writer renamed
+    notes.txt-283 into album5/c-25/b/ and a file out of it. One scan walked the rename's
+    destination while the folder was still there, then a scope below the folder found it gone
+    and marked it; the rename was written anyway (an xattr read found nothing, and said nothing)
+    and the folder's rows were deleted: the renamed file's row was left below a folder that no
+    longer existed, and the folder's own round, finding no row for the folder, looked no further."""
+    folder = library / "album5" / "c-25"
+    (folder / "b").mkdir(parents=True)
+    (library / "album4").mkdir()
+    (library / "album3").mkdir()
+    (library / "notes.txt-283").write_bytes(b"n" * 700)
+    (folder / "b" / "out.jpg").write_bytes(b"o" * 900)
+    (folder / "b" / "stays.jpg").write_bytes(b"s" * 800)
+    settle(library)
+    sync(index, library)
+    os.rename(library / "notes.txt-283", folder / "b" / "notes.txt-365")
+    os.rename(folder / "b" / "out.jpg", library / "out.jpg")
+    root = os.fsencode(library)
+    scopes = [  # as a round orders them: changes by path, then deletions
+        ScanScope(root, b"album3", False),  # a folder: the walk asks `stop` while listing it
+        ScanScope(root, b"album5/c-25/b/notes.txt-365", False),
+        ScanScope(root, b"out.jpg", False),
+        ScanScope(root, b"album5/c-25/b/out.jpg", False),
+        ScanScope(root, b"notes.txt-283", False),
+    ]
+    # album3's listing comes first: move the folder before the rename's destination is walked...
+    mover = _MovesFolderOnFirstAsk(folder, library / "album4" / "c-532")
+    scan(index, RootConfig(path=library), scopes, SyncConfig(hash_workers=1), stop=mover)
+    assert mover.moved
+    assert not [r for r in rows(index, library) if b"/album5/c-25" in r]
+    # ...and after it: the rename is walked while the folder is there, then the folder goes.
+    (library / "album4" / "c-532").rename(folder)
+    sync(index, library)
+    os.rename(folder / "b" / "notes.txt-365", library / "notes.txt-283")
+    sync(index, library)
+    os.rename(library / "notes.txt-283", folder / "b" / "notes.txt-365")
+    os.rename(folder / "b" / "stays.jpg", library / "out2.jpg")
+    scopes = [
+        ScanScope(root, b"album5/c-25/b/notes.txt-365", False),
+        ScanScope(root, b"album3", False),  # the folder moves while album3 is listed
+        ScanScope(root, b"out2.jpg", False),
+        ScanScope(root, b"album5/c-25/b/stays.jpg", False),  # finds album5/c-25 gone
+        ScanScope(root, b"notes.txt-283", False),
+    ]
+    mover = _MovesFolderOnFirstAsk(folder, library / "album4" / "c-532")
+    notes = ident(index, library, "notes.txt-283")
+    report = scan(index, RootConfig(path=library), scopes, SyncConfig(hash_workers=1), stop=mover)
+    assert mover.moved
+    left = [r for r in rows(index, library) if b"/album5/c-25" in r]
+    assert left == [], f"rows below a folder that is not on disk: {left}"
+    # The rename could not be stored: both of its ends are looked at again (and b's own refresh).
+    assert {b"album5/c-25/b/notes.txt-365", b"notes.txt-283"} <= set(report.unstable)
+    # The next round holds them and the folder's move (which reached the daemon after this scan).
+    run_scan(index, library, subtrees=(b"album5/c-25", b"album4/c-532", *report.unstable))
+    assert diff(expected(library), rows(index, library)) == []
+    assert replay(index) == set(rows(index, library))
+    assert ident(index, library, "album4/c-532/b/notes.txt-365") == notes  # found by its inode: same entry
+
+
+class _BetweenSteps(NoProgress):
+    """A scan's progress that runs ``change`` when step 2 starts: the disk changing after the
+    walk saw it and before the rows are written."""
+
+    def __init__(self, change: Callable[[], object]) -> None:
+        self.change = change
+
+    def phase(self, root: bytes, phase: str) -> None:
+        if phase == "hashing":
+            self.change()
+
+
+def test_a_rename_whose_destination_left_before_it_was_stored_is_looked_at_again(library: Path, index: Index) -> None:
+    """Nothing opens a renamed file: its new path is checked to still hold it before the row
+    says so. Here it moved on (b -> elsewhere/c) between the walk and the write."""
+    (library / "a.jpg").write_bytes(b"a" * 5000)
+    (library / "elsewhere").mkdir()
+    settle(library)
+    sync(index, library)
+    entry = ident(index, library, "a.jpg")
+    os.rename(library / "a.jpg", library / "b.jpg")
+    root = os.fsencode(library)
+    scopes = [ScanScope(root, b"b.jpg", False), ScanScope(root, b"a.jpg", False)]
+    moves_on = _BetweenSteps(lambda: os.rename(library / "b.jpg", library / "elsewhere" / "c.jpg"))
+    report = scan(index, RootConfig(path=library), scopes, SyncConfig(hash_workers=1), progress=moves_on)
+    assert index.entry(1, b"b.jpg") is None, "a row for a path the rename had already left"
+    assert set(report.unstable) == {b"b.jpg", b"a.jpg"} and not report.clean
+    run_scan(index, library, subtrees=(b"elsewhere/c.jpg", *report.unstable))
+    assert diff(expected(library), rows(index, library)) == []
+    assert ident(index, library, "elsewhere/c.jpg") == entry
+
+
+def test_a_row_written_below_a_folder_found_gone_goes_with_the_folder(library: Path, index: Index) -> None:
+    """The folder went away after its child was walked and came back before the child's row was
+    written: the folder's rows are deleted (the walk found it gone), and so is the child's, so no
+    row is left below a folder without one. The folder's return is the next round's."""
+    folder = library / "album" / "sub"
+    folder.mkdir(parents=True)
+    (library / "other").mkdir()
+    (library / "n.jpg").write_bytes(b"n" * 3000)
+    (folder / "x.jpg").write_bytes(b"x" * 3000)
+    settle(library)
+    sync(index, library)
+    os.rename(library / "n.jpg", folder / "n.jpg")
+    os.rename(folder / "x.jpg", library / "x.jpg")
+    root = os.fsencode(library)
+    scopes = [
+        ScanScope(root, b"album/sub/n.jpg", False),
+        ScanScope(root, b"other", False),  # listed: the folder leaves the root meanwhile
+        ScanScope(root, b"x.jpg", False),
+        ScanScope(root, b"album/sub/x.jpg", False),  # finds album/sub gone
+        ScanScope(root, b"n.jpg", False),
+    ]
+    away = library.parent / "away"
+    mover = _MovesFolderOnFirstAsk(folder, away)
+    comes_back = _BetweenSteps(lambda: away.rename(folder))
+    scan(index, RootConfig(path=library), scopes, SyncConfig(hash_workers=1), stop=mover, progress=comes_back)
+    assert mover.moved
+    indexed = rows(index, library)
+    orphans = [p for p in indexed if os.path.dirname(p) not in indexed and os.path.dirname(p) != os.fsencode(library)]
+    assert orphans == [], f"rows below a folder without a row: {orphans}"
+    run_scan(index, library, subtrees=(b"album/sub",))  # the folder's return: its own event
+    assert diff(expected(library), rows(index, library)) == []
+    assert replay(index) == set(rows(index, library))
+
+
+def test_a_gone_path_clears_rows_below_it_even_without_its_own_row(library: Path, index: Index) -> None:
+    """An index holding a row below a folder that has none (left by a version before seed
+    777001's fix): the folder's round, finding the path gone, clears what is below it."""
+    (library / "d" / "e").mkdir(parents=True)
+    (library / "d" / "e" / "f.jpg").write_bytes(b"f" * 100)
+    (library / "keep.jpg").write_bytes(b"k")
+    settle(library)
+    sync(index, library)
+    with index.transaction():
+        index.db.execute("DELETE FROM entries WHERE path IN (?, ?)", (b"d", b"d/e"))
+    (library / "d" / "e" / "f.jpg").unlink()
+    (library / "d" / "e").rmdir()
+    (library / "d").rmdir()
+    run_scan(index, library, subtrees=(b"d",))
+    assert diff(expected(library), rows(index, library)) == []
