@@ -34,6 +34,8 @@ class MessageId:
     SCAN_ERROR = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b06"
     STARTED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b07"
     STOPPED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b08"
+    ROUND_LATE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b09"
+    WORKER_ENDED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0a"
 
 
 class JournalRenderer:

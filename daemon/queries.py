@@ -31,6 +31,8 @@ def daemon_info(index: Index) -> dict[str, Any] | None:
 
 
 def status(index: Index, config: Config) -> dict[str, Any]:
+    import time
+
     from daemon.fs import pid_alive
 
     active = {s.root_id: s for s in index.active_scans() if pid_alive(s.pid)}
@@ -53,6 +55,12 @@ def status(index: Index, config: Config) -> dict[str, Any]:
                 "bytes": nbytes,
                 "last_full_sync": iso(root.last_full_sync),
                 "pending": root.pending,
+                # How long the oldest pending path has waited, and the oldest few: a round that
+                # is late shows here (the daemon's guard also logs and scans it).
+                "oldest_pending_s": None
+                if not root.pending or root.pending_since is None
+                else round(max(0.0, time.time() - root.pending_since), 3),
+                "pending_paths": json.loads(root.pending_paths) if root.pending and root.pending_paths else [],
                 "errors": [{"path": os.fsdecode(join(root.path, p)), "error": e} for p, e in index.errors(root.id)],
                 "overflows": root.overflows,
                 "corrupt": index.corrupt_count(root.id),  # marked by `verify` (issue 6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from daemon.config import Config, RootConfig
 from daemon.index import AsyncIndex, Index
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
-from daemon.model import Op, ScanKind, ScanScope
+from daemon.model import Op, ScanKind, ScanScope, join
 from daemon.rebuild import needs_rebuild, rebuild
 from daemon.rules import HASH_SCHEME
 from daemon.scan import ScanReport, scan
@@ -43,6 +44,17 @@ SCAN_RETRY_S = 1.0
 SCAN_RETRY_MAX_S = 300.0
 # Errors of one scan shown one by one in the log; the rest are counted in one line.
 ERRORS_LOGGED = 10
+# The stall guard (docs/aggregation.md, "Stalls"): a worker asleep while a pending path is past
+# its deadline (Aggregator.deadline) by more than the margin has missed a round. Checked every
+# GUARD_EVERY_S; the late paths are then scanned at once and the journal is told.
+STALL_MARGIN_S = 1.0
+GUARD_EVERY_S = 1.0
+# A root's worker task that ends for any reason but shutdown is started again after this delay,
+# doubled for each end in a row up to the maximum, with one full sync of its root.
+WORKER_RESTART_S = 1.0
+WORKER_RESTART_MAX_S = 60.0
+# The oldest pending paths of a root that `status` and the guard's log line name.
+PENDING_PATHS_SHOWN = 10
 
 
 class LiveProgress:
@@ -85,6 +97,9 @@ class RootRuntime:
     watcher: RootWatcher | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    worker_ends: int = 0  # worker tasks that ended in a row (see Scheduler._worker_ended)
+    in_flight: asyncio.Future[ScanReport] | None = None  # the scan thread, which outlives a cancelled worker
+    sleeping: bool = False  # the worker waits for its wake event or sleep_until
     sleep_until: float = 0.0
     next_full: float = float("inf")
     next_poll: float = float("inf")
@@ -122,6 +137,10 @@ class Scheduler:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rebuild_task: asyncio.Task[None] | None = None
         self.metrics_task: asyncio.Task[None] | None = None
+        self.guard_task: asyncio.Task[None] | None = None
+        # Monotonic event times -> wall-clock times for `status`: one offset, so a published
+        # time does not move (and cause a write) every time it is computed.
+        self.wall_offset = time.time() - time.monotonic()
         self.rebuilding = False
         self.published: tuple[Any, ...] = ()
 
@@ -134,6 +153,7 @@ class Scheduler:
             await self.add_root(root)
         self.rebuild_task = asyncio.create_task(self._rebuild(), name="rebuild")
         self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
+        self.guard_task = asyncio.create_task(self._guard(), name="guard")
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -156,7 +176,7 @@ class Scheduler:
             rt.next_full = now + max(0.0, self.config.sync.full_interval_s - since_last)
         rt.files = index.totals(row.id)[0]
         await self._start_watcher(rt)
-        rt.task = asyncio.create_task(self._worker(rt), name=f"root {root.path}")
+        self._start_worker(rt)
 
     async def remove_root(self, path: bytes) -> None:
         rt = self.roots.pop(path)
@@ -194,10 +214,11 @@ class Scheduler:
         self.stop.set()
         for rt in self.roots.values():
             rt.wake.set()
-        if self.metrics_task is not None:
-            self.metrics_task.cancel()  # it only sleeps between writes; a rebuild stops at its next batch
+        for task in (self.metrics_task, self.guard_task):
+            if task is not None:
+                task.cancel()  # they only sleep between runs; a rebuild stops at its next batch
         tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
-        tasks += [t for t in (self.rebuild_task, self.metrics_task) if t is not None]
+        tasks += [t for t in (self.rebuild_task, self.metrics_task, self.guard_task) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         for rt in self.roots.values():
             if rt.watcher is not None:
@@ -280,7 +301,8 @@ class Scheduler:
         elif ev.kind is EventKind.CREATED_DIR and ev.rel is not None:
             agg.add(ev.rel, now, is_dir=True)
         elif ev.kind is EventKind.DELETED and ev.rel is not None:
-            agg.add(ev.rel, now, deleted=True)
+            # A deleted folder is recursive (docs/aggregation.md): it absorbs what arrives below it.
+            agg.add(ev.rel, now, is_dir=ev.is_dir, deleted=True)
         elif ev.kind is EventKind.MOVED:
             agg.add_move(ev.rel, ev.dest, now, is_dir=ev.is_dir)
         else:
@@ -321,6 +343,61 @@ class Scheduler:
             period = self.config.watch.poll_interval_s
             rt.next_poll = now + (min(period, OFFLINE_RECHECK_S) if rt.offline else period)
 
+    def _start_worker(self, rt: RootRuntime) -> None:
+        rt.task = asyncio.create_task(self._worker(rt), name=f"root {rt.config.path}")
+        rt.task.add_done_callback(lambda task: self._worker_ended(rt, task))
+
+    def _worker_ended(self, rt: RootRuntime, task: asyncio.Task[None]) -> None:
+        """A worker that ends for any reason but shutdown is said so and started again: a root
+        whose worker is gone would keep its watches and collect events that are never scanned."""
+        if self.stop.is_set() or self.roots.get(rt.path) is not rt or task is not rt.task:
+            return  # shutdown, or a root that a reload removed
+        error = None if task.cancelled() else task.exception()
+        reason = "cancelled" if task.cancelled() else f"{type(error).__name__}: {error}" if error else "returned"
+        rt.worker_ends += 1
+        delay = min(WORKER_RESTART_MAX_S, WORKER_RESTART_S * 2 ** min(rt.worker_ends - 1, 16))
+        self.log.error("the worker of a root ended; it is started again with a full sync of the root",
+                       root=rt.path, reason=reason, restart_in_s=delay, message_id=MessageId.WORKER_ENDED,
+                       exc_info=error)  # fmt: skip
+        # What was pending may be what it failed on: one full sync of the root covers all of it.
+        rt.aggregator = Aggregator(rt.path, self.config.watch)
+        rt.aggregator.rescan_root(time.monotonic())
+        rt.scanning, rt.sleeping = None, False
+        asyncio.get_running_loop().call_later(delay, self._restart_worker, rt)
+
+    def _restart_worker(self, rt: RootRuntime) -> None:
+        if self.stop.is_set() or self.roots.get(rt.path) is not rt or (rt.task is not None and not rt.task.done()):
+            return
+        if rt.in_flight is not None and not rt.in_flight.done():
+            # The ended worker's scan still runs in its thread, on the root's connection: a
+            # second scan must not start beside it.
+            asyncio.get_running_loop().call_later(WORKER_RESTART_S, self._restart_worker, rt)
+            return
+        self._start_worker(rt)
+
+    async def _guard(self) -> None:
+        while not self.stop.is_set():
+            await asyncio.sleep(GUARD_EVERY_S)
+            self.check_rounds(time.monotonic())
+
+    def check_rounds(self, now: float) -> None:
+        """The stall guard: a worker asleep while pending paths are past their deadline has missed
+        a round (a wake-up lost, a deadline miscomputed). Log it once per occurrence, with the
+        paths and their age, and scan them now. Never true while the worker scans or backs off
+        after a failed scan: those waits are its own and already logged."""
+        for rt in self.roots.values():
+            if not rt.sleeping or now < rt.retry_after:
+                continue
+            late = rt.aggregator.late(now, STALL_MARGIN_S)
+            if not late:
+                continue
+            shown = " ".join(os.fsdecode(join(rt.path, p)) for p, _ in late[:PENDING_PATHS_SHOWN])
+            self.log.error("pending changes were not scanned in time; scanning them now", root=rt.path,
+                           paths=shown, count=len(late), oldest_age_s=round(now - late[0][1], 3),
+                           message_id=MessageId.ROUND_LATE)  # fmt: skip
+            rt.aggregator.expedite([p for p, _ in late])
+            rt.wake.set()
+
     async def _worker(self, rt: RootRuntime) -> None:
         while not self.stop.is_set():
             now = time.monotonic()
@@ -341,8 +418,12 @@ class Scheduler:
                 deadlines.append(max(next_due, rt.retry_after))
             rt.sleep_until = min(deadlines)
             rt.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.wake.wait(), timeout=min(max(rt.sleep_until - now, 0.0), 3600.0))
+            rt.sleeping = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rt.wake.wait(), timeout=min(max(rt.sleep_until - now, 0.0), 3600.0))
+            finally:
+                rt.sleeping = False
 
     async def _check_identity(self, rt: RootRuntime, now: float) -> None:
         rt.next_identity_check = now + ROOT_CHECK_S
@@ -363,16 +444,21 @@ class Scheduler:
         rt.scanning = kind
         self.log.debug("scan", root=rt.path, scope=" ".join(os.fsdecode(s.subtree) or "/" for s in scopes))
         try:
-            report = await asyncio.to_thread(
-                scan,
-                rt.index,
-                rt.config,
-                scopes,
-                self.config.sync,
-                progress=rt.progress,
-                stop=self.stop,
-                pool=self.pool,
+            rt.in_flight = asyncio.ensure_future(
+                asyncio.to_thread(
+                    scan,
+                    rt.index,
+                    rt.config,
+                    scopes,
+                    self.config.sync,
+                    progress=rt.progress,
+                    stop=self.stop,
+                    pool=self.pool,
+                )
             )
+            # Shielded: a worker cancelled here leaves the thread running, and _restart_worker
+            # waits for it through rt.in_flight.
+            report = await asyncio.shield(rt.in_flight)
         except Exception as e:  # a bug or a database failure must not kill the other roots
             self.log.exception("scan failed", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
             rt.failures += 1
@@ -391,7 +477,7 @@ class Scheduler:
 
     async def _after_scan(self, rt: RootRuntime, report: ScanReport) -> None:
         now = time.monotonic()
-        rt.failures = 0
+        rt.failures = rt.worker_ends = 0
         if report.offline:
             if rt.offline is None:
                 self.log.warning("root is offline: nothing is deleted while it is away", root=rt.path,
@@ -439,6 +525,15 @@ class Scheduler:
             self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
                           **changed)  # fmt: skip
 
+    def _pending_state(self, rt: RootRuntime) -> tuple[int, str, float | None, str | None]:
+        """(pending paths, observer, wall-clock time of the oldest pending event, the oldest
+        paths as JSON), as `status` shows them."""
+        oldest = rt.aggregator.oldest(PENDING_PATHS_SHOWN)
+        if not oldest:
+            return rt.aggregator.pending, rt.observer_state, None, None
+        paths = json.dumps([os.fsdecode(join(rt.path, p)) for p, _ in oldest])
+        return rt.aggregator.pending, rt.observer_state, round(oldest[0][1] + self.wall_offset, 3), paths
+
     @staticmethod
     def _count_files(rt: RootRuntime) -> int:
         row = rt.index.root(rt.path, create=False)
@@ -472,15 +567,20 @@ class Scheduler:
     async def publish(self, pid: int, started_at: float, state: str) -> None:
         """Write what `status` shows — the daemon's row, each root's pending count and observer —
         when it changed since the last write: an idle daemon writes nothing (disks spin down)."""
-        snapshot = (
-            state,
-            self.activity(),
-            tuple((rt.aggregator.pending, rt.observer_state) for rt in self.roots.values()),
-        )
+        # Exactly the snapshot's values are written: the writes await, and an event arriving
+        # meanwhile must not put into the database a value that `published` does not record.
+        # (It did: a pending count read after the await was written while the snapshot said 0,
+        # so once that path was scanned the snapshot equalled `published` again and `status`
+        # showed "1 pending" forever. Torture seed 20261202.)
+        activity = self.activity()
+        roots = tuple((rt.path, *self._pending_state(rt)) for rt in self.roots.values())
+        snapshot = (state, activity, roots)
         if snapshot != self.published:
-            await self.db.heartbeat(pid, started_at, state, self.activity())
-            for rt in self.roots.values():
-                await self.db.root_runtime(rt.path, pending=rt.aggregator.pending, observer=rt.observer_state)
+            await self.db.heartbeat(pid, started_at, state, activity)
+            for path, pending, observer, since, paths in roots:
+                await self.db.root_runtime(
+                    path, pending=pending, observer=observer, pending_since=since, pending_paths=paths
+                )
             self.published = snapshot
         for rt in self.roots.values():
             if rt.overflows:

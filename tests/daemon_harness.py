@@ -110,7 +110,22 @@ class Daemon:
         try:
             self.wait(converged, timeout, "convergence")
         except AssertionError as e:
-            raise AssertionError(f"{e}\nmismatches: {last[:20]}") from None
+            # Not quiet means it never compared: say what the daemon was doing instead.
+            raise AssertionError(f"{e}\nmismatches: {last[:20]}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        """What `status --json` says the daemon is doing: activity, and per root its state,
+        pending paths (the oldest, with the age of the oldest) and the scan in progress."""
+        s = self.status()
+        if s is None:
+            return "status: unavailable"
+        lines = [f"status: daemon {json.dumps(s['daemon'])}"]
+        for r in s["roots"]:
+            lines.append(
+                f"  root {r['path']}: {r['state']}, pending {r['pending']}"
+                f" (oldest {r.get('oldest_pending_s')} s: {r.get('pending_paths')}), scan {json.dumps(r['scan'])}"
+            )
+        return "\n".join(lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None

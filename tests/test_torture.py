@@ -157,6 +157,62 @@ def test_random_operation_bursts_converge(tmp_path: Path, seed: int, duration: f
     assert d.stop() == 0, d.log()[-3000:]
 
 
+def test_folder_moved_while_files_are_renamed_into_and_out_of_it(
+    tmp_path: Path, seed: int, duration: float, started: list[Daemon]
+) -> None:
+    """Torture seed 777001 as its own test: a folder dragged elsewhere (sometimes into a folder
+    made that instant, not watched yet) while another writer renames files into it and out of
+    it by its old path, both started together. Converged after each round, moved back, again."""
+    rng = random.Random(f"{seed}:move-race")
+    root, db = tmp_path / "library", tmp_path / "index.db"
+    folder, notes, far = root / "album5" / "c-25", root / "notes", root / "album4" / "c-761"
+    (folder / "b").mkdir(parents=True)
+    notes.mkdir()
+    far.mkdir(parents=True)
+    (root / "keep.torture").write_text("k")
+    for i in range(12):
+        (notes / f"notes.txt-{i}").write_bytes(rng.randbytes(rng.randrange(100, 5000)))
+        (folder / "b" / f"img{i}.jpg").write_bytes(rng.randbytes(rng.randrange(100, 5000)))
+    d = Daemon(write_config(tmp_path / "c.toml", db, [root]), db, [root], tmp_path / "d.log")
+    started.append(d.start())
+    converge(d, what="first index")
+    for round_ in range(max(8, int(duration // 2))):
+        dest_parent = far / f"deep-{round_}" if rng.random() < 0.5 else far
+        both = threading.Barrier(2)
+        log: list[str] = []
+
+        def mover(dest_parent: Path = dest_parent) -> None:
+            both.wait()
+            dest_parent.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rename(dest_parent / "c-532")
+                log.append(f"mv {folder.relative_to(root)} {(dest_parent / 'c-532').relative_to(root)}")
+
+        def renamer(round_: int = round_) -> None:
+            both.wait()
+            for k in range(rng.randint(1, 4)):
+                src = sorted(notes.iterdir())
+                with contextlib.suppress(OSError, IndexError):
+                    os.rename(src[k % len(src)], folder / "b" / f"in-{round_}-{k}")
+                    log.append(f"mv {src[k % len(src)].name} -> album5/c-25/b/in-{round_}-{k}")
+                with contextlib.suppress(OSError, IndexError):
+                    out = sorted((folder / "b").iterdir())[0]
+                    os.rename(out, notes / f"out-{round_}-{k}")
+                    log.append(f"mv album5/c-25/b/{out.name} -> notes/out-{round_}-{k}")
+
+        threads = [threading.Thread(target=mover), threading.Thread(target=renamer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        FIGURES.add(ops=len(log))
+        converge(d, what=f"move race, round {round_}: {'; '.join(log)}")
+        if (dest_parent / "c-532").exists():
+            (dest_parent / "c-532").rename(folder)
+            converge(d, what=f"move race, round {round_}: moved back")
+    assert d.stop() == 0, d.log()[-3000:]
+
+
 # The same operations, driven by hypothesis so that a failing sequence shrinks to a minimal one
 # (single writer: shrinking needs a deterministic replay). Each example starts its own daemon.
 
