@@ -27,6 +27,15 @@ class Kind(enum.StrEnum):
         return cls.OTHER
 
 
+class ExitCode(enum.IntEnum):
+    """The process's exit status, for every command and the daemon (DESIGN.md, "Interfaces")."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus=78 does not restart a bad config
+
+
 class Op(enum.StrEnum):
     ADDED = "added"
     MODIFIED = "modified"

@@ -15,9 +15,25 @@ from daemon.model import Entry, Kind, Stat
 # filesystems stamp from the kernel's coarse clock (one tick, at most 10 ms at HZ=100),
 # so 100 ms is a safe margin there.
 GRANULARITY_NS: dict[str, int] = {"vfat": 2_000_000_000, "msdos": 2_000_000_000, "exfat": 2_000_000_000}
-NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "sshfs")
 NETWORK_GRANULARITY_NS = 1_000_000_000
 LOCAL_GRANULARITY_NS = 100_000_000
+# Filesystems whose content other machines change: inotify does not see another client's
+# writes, and servers round times to whole seconds. FUSE mounts (`fuse`, `fuse.*`: sshfs appears
+# as fuse.sshfs) are treated the same: most do not report changes below them to inotify.
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "afs", "lustre", "gpfs", "sshfs"})
+
+
+def is_network_fs(fs_type: str) -> bool:
+    """``fs_type`` as /proc/self/mountinfo names it."""
+    return fs_type in NETWORK_FS or fs_type == "fuse" or fs_type.startswith("fuse.")
+
+
+def uses_polling(observer: str, fs_type: str) -> bool:
+    """Whether a root is polled: ``observer`` from its config, ``fs_type`` from mountinfo."""
+    if observer == "auto":
+        return is_network_fs(fs_type)
+    return observer == "polling"
+
 
 # Bumped when what the index derives from a file's content changes (see PhotoStructure's
 # sync vs rebuild). Entries with a lower scheme are `rebuild`'s work, not the scan's: the
@@ -28,7 +44,7 @@ HASH_SCHEME = 1
 def granularity_ns(fs_type: str) -> int:
     if fs_type in GRANULARITY_NS:
         return GRANULARITY_NS[fs_type]
-    if fs_type in NETWORK_FS or fs_type.startswith("fuse"):
+    if is_network_fs(fs_type) or fs_type == "fuseblk":
         return NETWORK_GRANULARITY_NS
     return LOCAL_GRANULARITY_NS
 

@@ -22,11 +22,12 @@ from typing import Protocol
 
 from daemon import fs
 from daemon.config import RootConfig, SyncConfig
+from daemon.filters import Excluder
 from daemon.hasher import Group, Hashed, HashProcesses, Unstable, hash_file, hash_group
 from daemon.index import Batch, Index, QueueRow, RootRow, Write
 from daemon.model import Kind, Op, RootState, ScanKind, ScanScope, Stat, join, parent_of
 from daemon.rules import HASH_SCHEME, RootProbe, granularity_ns, is_racily_clean, offline_reason
-from daemon.walk import Excluder, WalkState, walk_scope
+from daemon.walk import WalkState, walk_scope
 
 # Commit at least this often while hashing, so progress and resume points stay fresh.
 COMMIT_EVERY_S = 2.0

@@ -21,9 +21,9 @@ from daemon import fs, logs
 from daemon.config import Config, ConfigError
 from daemon.fs import DaemonLock
 from daemon.logs import MessageId
+from daemon.model import ExitCode
 from daemon.scheduler import Scheduler
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 # While starting, systemd's start timeout is extended by three of these at a time.
 START_EXTEND_S = 10.0
 # How often `status` sees fresh numbers (pending events, activity) from the daemon.
@@ -75,7 +75,7 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
         extending.cancel()
     await scheduler.publish(pid, started_at, "watching")
     db_identity = fs.identity(config.database)
-    exit_code = EXIT_OK
+    exit_code = ExitCode.OK
     notify("READY=1\nSTATUS=" + scheduler.summary())
     log.info("treewatch started", roots=len(scheduler.roots), database=str(config.database),
              message_id=MessageId.STARTED)  # fmt: skip
@@ -100,7 +100,7 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
                 # whose next start rebuilds the index from disk (torture: database deleted).
                 log.error("the database was deleted or replaced under the running daemon; exiting",
                           database=str(config.database))  # fmt: skip
-                exit_code = EXIT_FAILURE
+                exit_code = ExitCode.FAILURE
                 stopped.set()
                 return
             try:
@@ -147,7 +147,7 @@ def run_daemon(config: Config, reload_config: Callable[[], Config]) -> int:
     lock = DaemonLock(config.database)
     if not lock.acquire():
         logs.get().error("another treewatch daemon runs on this database", database=str(config.database))
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve(config, reload_config))
-    return EXIT_OK
+    return ExitCode.OK

@@ -7,9 +7,7 @@ visit; what differs goes to the scan's queue table in the database, not into a l
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
-import re
 import stat as stat_mod
 from array import array
 from collections.abc import Callable, Sequence
@@ -18,28 +16,10 @@ from dataclasses import dataclass, field
 import blake3
 
 from daemon import fs
+from daemon.filters import Excluder
 from daemon.index import Index, QueueRow, entry_of, row_unchanged
-from daemon.model import Entry, Kind, ScanScope, Stat, join, name_of, parent_of
+from daemon.model import Entry, Kind, ScanScope, Stat, join, parent_of
 from daemon.rules import HASH_SCHEME, Change, classify
-
-
-class Excluder:
-    """`exclude` globs, matched against an entry's name and its root-relative path."""
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        self.patterns = tuple(patterns)
-        self.regexes = [re.compile(os.fsencode(fnmatch.translate(p))) for p in patterns]
-        # All patterns as one alternation: two matches per entry instead of two per pattern.
-        self.combined = re.compile(b"|".join(b"(?:" + r.pattern + b")" for r in self.regexes)) if patterns else None
-
-    def __call__(self, rel: bytes) -> bool:
-        if self.combined is None:  # asked of every entry a walk sees
-            return False
-        return self.combined.match(name_of(rel)) is not None or self.combined.match(rel) is not None
-
-    def any_component(self, rel: bytes) -> bool:
-        parts = rel.split(b"/")
-        return any(self(b"/".join(parts[: i + 1])) for i in range(len(parts)))
 
 
 @dataclass(slots=True)

@@ -50,8 +50,9 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, Inotify
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from daemon.config import RootConfig, WatchConfig
+from daemon.filters import Excluder
 from daemon.fs import fs_type
-from daemon.walk import Excluder
+from daemon.rules import uses_polling
 
 # The watchdog releases whose internals this module was read against and tested with. A patch
 # release may rewrite them: 7.1.1 replaced the path maps by a tree of nodes, and with this
@@ -59,9 +60,6 @@ from daemon.walk import Excluder
 CHECKED_WATCHDOG = ((7, 1, 0),)
 RETRY_BASE_S = 60.0  # first inotify retry after a fallback to polling...
 RETRY_MAX_S = 3600.0  # ...doubling up to this (syncthing #5731, #6228: never spin on retries)
-# inotify does not see changes made by another client of a network filesystem, nor most
-# changes below a FUSE mount: those roots are polled (the scheduler's sync every poll_interval_s).
-POLLED_FS_TYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "afs", "lustre", "gpfs", "fuse"})
 # A folder that vanished or that we may not read between listing and watching is not a folder
 # we meant to watch (the scanner reports unreadable ones); any other failure is a shortfall.
 _NOT_MEANT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ESTALE})
@@ -114,13 +112,6 @@ class WatchEvent:
     dest: bytes | None = None  # MOVED only: the destination
     is_dir: bool = False
     detail: str = ""  # OVERFLOW / WATCH_LIMIT / OBSERVER_DIED / ROOT_GONE: a sentence for the log
-
-
-def uses_polling(observer: str, fstype: str) -> bool:
-    """``observer`` from the root's config, ``fstype`` from /proc/self/mountinfo."""
-    if observer == "auto":
-        return fstype in POLLED_FS_TYPES or fstype.startswith("fuse.")
-    return observer == "polling"
 
 
 def read_sysctl(path: str) -> int | None:

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from daemon.config import RootConfig, WatchConfig
-from daemon.watch import EventKind, RootWatcher, WatchEvent, _Emitter, uses_polling
+from daemon.rules import uses_polling
+from daemon.watch import EventKind, RootWatcher, WatchEvent, _Emitter
 from tests.conftest import MAX_QUEUED, lowered_queue
 
 REPO = Path(__file__).resolve().parents[1]
