@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import dupes
 from daemon.index import Index
+from daemon.toolstore import ToolStore
 
 FILES_PER_DIR = 100
 DUPE_SHARE = 0.05
@@ -110,7 +111,7 @@ def main() -> None:
               f" {len(out.stdout)} bytes of output")  # fmt: skip
         statements: list[str] = []
         index.db.set_trace_callback(statements.append)
-        index.dupe_groups(dupes.DEFAULT_MIN_SIZE)
+        ToolStore(index).dupe_groups(dupes.DEFAULT_MIN_SIZE)
         index.db.set_trace_callback(None)
         query = statements[-1]
         print("query plan:")

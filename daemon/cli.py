@@ -23,8 +23,7 @@ from daemon.config import Config, ConfigError, load, locate
 if TYPE_CHECKING:
     from daemon.config import RootConfig
     from daemon.index import Index
-    from daemon.model import ScanScope
-    from daemon.scan import ScanReport
+    from daemon.model import ScanReport, ScanScope
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 # A file that keeps changing while it is hashed is tried again this many times by `scan`.

@@ -74,12 +74,15 @@ def _no_gc() -> Iterator[None]:
 
 
 def _find(index: Index, min_size: int, scopes: Sequence[tuple[int, bytes]]) -> DupesReport:
+    from daemon.toolstore import ToolStore  # with SQLite: not at import (see above)
+
     report = DupesReport()
+    tools = ToolStore(index)
     chosen: Sequence[tuple[int | None, bytes]] = scopes or [(None, b"")]
     for root_id, path in chosen:
         # (size, blake3) -> (dev, inode) -> names
         groups: dict[tuple[int, bytes], dict[tuple[int, int], list[bytes]]] = {}
-        for size, digest, root, rel, dev, inode in index.dupe_groups(min_size, root_id, path):
+        for size, digest, root, rel, dev, inode in tools.dupe_groups(min_size, root_id, path):
             groups.setdefault((size, digest), {}).setdefault((dev, inode), []).append(join(root, rel))
         for (size, digest), inodes in groups.items():
             if len(inodes) > 1:  # names of one inode only: hard links, nothing to reclaim

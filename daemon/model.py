@@ -7,7 +7,8 @@ import enum
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class Kind(enum.StrEnum):
@@ -165,3 +166,66 @@ class Entry:
     seq: int
     target: bytes | None = None  # a symlink's target
     xattrs: str | None = None  # JSON object, names and values os.fsdecode'd
+
+
+# An entry as the index hands it out, positionally: these columns in this order. The walk
+# compares most rows without building an Entry from them (rules.row_unchanged).
+ENTRY_COLUMNS = (
+    "id, root_id, path, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink,"
+    " blake3, racy, scheme, seq, target, xattrs"
+)
+EntryRow = tuple[Any, ...]
+
+
+def entry_of(row: EntryRow) -> Entry:
+    """The Entry of a row of ENTRY_COLUMNS."""
+    stat = Stat(Kind(row[3]), *row[4:13])
+    return Entry(row[0], row[1], row[2], stat, row[13], bool(row[14]), row[15], row[16], row[17], row[18])
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """One entry the walk found different from the index: what step 2 turns into a row."""
+
+    path: bytes
+    reason: str  # new | content | metadata | replaced
+    entry_id: int | None  # the row now at this path, if any
+    parent_id: int | None  # None when the parent is new too
+    stat: Stat
+    renamed_from: int | None  # a gone entry matched by inode
+
+
+@dataclass(frozen=True, slots=True)
+class FolderState:
+    """A folder's row as the walk needs it to skip an unchanged listing (walk.listing_digest)."""
+
+    id: int
+    digest: bytes | None  # of the listing last found equal to the index; None once a child changed
+    generation: int  # children_gen: moves with every write to a child row
+
+
+@dataclass(slots=True)
+class ScanReport:
+    """What one scan did, for its caller: the CLI's summary, the daemon's log and next rounds."""
+
+    root: bytes
+    kind: ScanKind
+    offline: str | None = None
+    came_online: bool = False
+    device_moved: bool = False
+    busy_pid: int | None = None  # another live process is scanning this root
+    ops: dict[Op, int] = field(default_factory=lambda: dict.fromkeys(Op, 0))
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    walked: int = 0
+    errors: dict[bytes, str] = field(default_factory=dict)  # errors not seen by the previous scan
+    error_count: int = 0
+    unstable: list[bytes] = field(default_factory=list)  # changed while hashed: scan again later
+    linked: list[bytes] = field(default_factory=list)  # other names of a changed hard-linked file
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """The index now matches the disk for the scanned scopes."""
+        return not (self.offline or self.busy_pid or self.error_count or self.unstable or self.interrupted)

@@ -1,37 +1,90 @@
-"""The scan's progress display on a TTY (rich), and nothing at all elsewhere.
+"""Progress of a long job (a scan, `verify`, `rebuild`): what they report, and who shows it.
 
-rich is imported only when the bar is shown: it costs ~20 ms of a one-shot command's start.
+The jobs call a `Progress`; `NoProgress` ignores it, `LiveProgress` keeps plain numbers for the
+daemon's `status` and systemd's STATUS= line, `ScanProgress` draws a bar on a TTY. rich is
+imported only when the bar is shown: it costs ~20 ms of a one-shot command's start.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from rich.progress import Progress, TaskID
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
+
+
+class Progress(Protocol):
+    def phase(self, root: bytes, phase: str) -> None: ...
+    def total(self, files: int, nbytes: int) -> None: ...
+    def advance(self, files: int, nbytes: int) -> None: ...
+
+
+class NoProgress:
+    def phase(self, root: bytes, phase: str) -> None:
+        pass
+
+    def total(self, files: int, nbytes: int) -> None:
+        pass
+
+    def advance(self, files: int, nbytes: int) -> None:
+        pass
+
+
+class LiveProgress:
+    """For the daemon: plain numbers written by the scan's thread, read by the loop."""
+
+    def __init__(self) -> None:
+        self.step = "idle"
+        self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
+        self.started = time.monotonic()
+
+    def phase(self, root: bytes, phase: str) -> None:
+        self.step = phase
+        if phase == "walking":
+            self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
+            self.started = time.monotonic()
+
+    def total(self, files: int, nbytes: int) -> None:
+        self.files_total, self.bytes_total = files, nbytes
+        self.started = time.monotonic()
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self.files_done += files
+        self.bytes_done += nbytes
+
+    def describe(self) -> str:
+        if self.step != "hashing" or not self.bytes_total:
+            return self.step
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        rate = self.bytes_done / elapsed
+        pct = 100 * self.bytes_done / self.bytes_total
+        eta = (self.bytes_total - self.bytes_done) / rate if rate else 0
+        return f"hashing {pct:.0f}%, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s"
 
 
 class ScanProgress:
-    """Implements scan.Progress: a spinner while walking, files/bytes/rate/ETA while hashing."""
+    """A spinner while walking, files/bytes/rate/ETA while hashing, on stderr when it is a TTY."""
 
     def __init__(self, *, enabled: bool) -> None:
-        self.bar: Progress | None = None
+        self.bar: RichProgress | None = None
         if enabled:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
-                Progress,
                 SpinnerColumn,
                 TextColumn,
                 TimeRemainingColumn,
                 TransferSpeedColumn,
             )
+            from rich.progress import Progress as RichProgress
 
-            self.bar = Progress(
+            self.bar = RichProgress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
                 BarColumn(),

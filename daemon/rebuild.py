@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from daemon import fs
-from daemon.hasher import Unstable, hash_file
-from daemon.index import Index, JobRow, Rebuilt
+from daemon.hasher import hash_if_unchanged
+from daemon.index import Index
 from daemon.model import Entry, RootState, join
 from daemon.rules import HASH_SCHEME, granularity_ns, is_racily_clean
+from daemon.toolstore import JobRow, Rebuilt, ToolStore
 
 if TYPE_CHECKING:  # `status` imports this module for rebuild_status: it needs no scanner
-    from daemon.scan import Progress
+    from daemon.progress import Progress
 
 JOB = "rebuild"
 DEFAULT_BATCH = 1000
@@ -75,12 +76,13 @@ class RebuildStatus:
 
 def needs_rebuild(index: Index) -> int:
     """How many files hold a derivation older than this version's (0: nothing to do)."""
-    return index.rebuild_count(HASH_SCHEME)[0]
+    return ToolStore(index).rebuild_count(HASH_SCHEME)[0]
 
 
 def rebuild_status(index: Index) -> RebuildStatus:
-    files, nbytes = index.rebuild_count(HASH_SCHEME)
-    job = index.job(JOB, 0, b"")
+    tools = ToolStore(index)
+    files, nbytes = tools.rebuild_count(HASH_SCHEME)
+    job = tools.job(JOB, 0, b"")
     if job is None:
         return RebuildStatus(files, nbytes, 0, 0, None, None)
     return RebuildStatus(files, nbytes, job.done_files, job.done_bytes, job.started_at, job.pid)
@@ -88,20 +90,13 @@ def rebuild_status(index: Index) -> RebuildStatus:
 
 def _derive(root: bytes, entry: Entry, granularity: int) -> Rebuilt | str | None:
     """The new derivation of one file; None when it changed (the scanner's); text on error."""
-    path = join(root, entry.path)
     try:
-        now = fs.lstat(path)
-        if (now.size, now.mtime_ns, now.inode) != (entry.stat.size, entry.stat.mtime_ns, entry.stat.inode):
-            return None
-        hashed = hash_file(path, now)
-    except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
-        return None
+        hashed = hash_if_unchanged(join(root, entry.path), entry.stat)
     except OSError as e:
         return e.strerror or str(e)
-    st = hashed.stat
-    if (st.size, st.mtime_ns, st.inode) != (entry.stat.size, entry.stat.mtime_ns, entry.stat.inode):
+    if hashed is None:
         return None
-    racy = is_racily_clean(st.mtime_ns, hashed.read_started_ns, granularity)
+    racy = is_racily_clean(hashed.stat.mtime_ns, hashed.read_started_ns, granularity)
     if COMPARABLE_DIGESTS and entry.blake3 is not None and hashed.digest != entry.blake3:
         return Rebuilt(entry, entry.blake3, hashed.digest, racy, HASH_SCHEME, hashed.xattrs)
     return Rebuilt(entry, hashed.digest, None, racy, HASH_SCHEME, hashed.xattrs)
@@ -118,19 +113,20 @@ def rebuild(
     """Re-derive every file whose scheme is older than ``HASH_SCHEME``; see the module doc."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from daemon.scan import NoProgress
+    from daemon.progress import NoProgress
 
     started = time.monotonic()
     stop = stop or threading.Event()
     progress = progress or NoProgress()
     report = RebuildReport()
-    report.needed, nbytes = index.rebuild_count(HASH_SCHEME)
-    job = index.job(JOB, 0, b"")
+    tools = ToolStore(index)
+    report.needed, nbytes = tools.rebuild_count(HASH_SCHEME)
+    job = tools.job(JOB, 0, b"")
     report.resumed = job is not None
     if job is None:
         job = JobRow(JOB, 0, b"", 0, 0, 0, time.time(), os.getpid())
         if report.needed:
-            index.save_job(job)  # from here on `status` can show it, and a rerun is a resume
+            tools.save_job(job)  # from here on `status` can show it, and a rerun is a resume
     roots = {r.id: r for r in index.roots()}
     granularity = {r.id: granularity_ns(fs.fs_type(r.path)) for r in roots.values()}
     progress.phase(os.fsencode(str(index.path)), "rebuilding")
@@ -140,7 +136,7 @@ def rebuild(
     after = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="rebuild") as pool:
         while not stop.is_set():
-            batch = index.rebuild_batch(HASH_SCHEME, after, batch_size)
+            batch = tools.rebuild_batch(HASH_SCHEME, after, batch_size)
             if not batch:
                 break
             after = batch[-1][1].id
@@ -165,13 +161,13 @@ def rebuild(
             files, nbytes = len(stored), sum(r.entry.stat.size for r in stored)
             job = JobRow(JOB, 0, b"", after, job.done_files + files, job.done_bytes + nbytes, job.started_at, 0)
             counters = {"files_hashed": files, "bytes_hashed": nbytes, "rebuilt_files": files, "rebuilt_bytes": nbytes}
-            index.store_rebuilt(stored, job, counters)
+            tools.store_rebuilt(stored, job, counters)
             report.rebuilt += files
             report.rebuilt_bytes += nbytes
             progress.advance(len(batch), sum(e.stat.size for _, e in batch))
     if stop.is_set():
         report.interrupted = True
     else:
-        index.end_job(JOB, 0, b"")
+        tools.end_job(JOB, 0, b"")
     report.seconds = time.monotonic() - started
     return report

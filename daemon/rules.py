@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from daemon.model import Entry, Kind, Stat
+from daemon.model import Entry, EntryRow, Kind, Stat
 
 # Filesystem timestamp granularity by type, for the racy-clean rule. FAT keeps mtime in
 # 2 s steps; network filesystems round to whole seconds on some servers; local Linux
@@ -78,6 +78,22 @@ def classify(indexed: Entry, now: Stat) -> Change:
     if old != now:
         return Change.METADATA
     return Change.NONE
+
+
+def row_unchanged(row: EntryRow, st: Stat) -> bool:
+    """``classify(entry_of(row), st) is Change.NONE``, without building the Entry and its Stat.
+
+    A no-change sync asks this of every entry; building the two frozen dataclasses per row
+    was a third of its time. It must equal `classify`: tests/test_rules.py checks that it
+    does, for any row and stat.
+    """
+    if (row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12]) != (
+        st.size, st.mtime_ns, st.ctime_ns, st.inode, st.dev, st.mode, st.uid, st.gid, st.nlink
+    ) or row[3] != st.kind.value:  # fmt: skip
+        return False
+    # A file is trusted only when hashed and not racily clean. An older hash scheme does not
+    # make it changed: re-deriving is `rebuild`'s work (see HASH_SCHEME), as in classify.
+    return st.kind is not Kind.FILE or (not row[14] and row[13] is not None)
 
 
 def is_racily_clean(mtime_ns: int, scan_started_ns: int, fs_granularity_ns: int) -> bool:

@@ -23,10 +23,11 @@ from daemon.config import Config, RootConfig
 from daemon.index import AsyncIndex, Index
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
-from daemon.model import Op, ScanKind, ScanScope, join
+from daemon.model import Op, ScanKind, ScanReport, ScanScope, join
+from daemon.progress import LiveProgress
 from daemon.rebuild import needs_rebuild, rebuild
 from daemon.rules import HASH_SCHEME
-from daemon.scan import ScanReport, scan
+from daemon.scan import scan
 from daemon.watch import EventKind, RootWatcher, WatchEvent
 
 # How often an offline root is looked at again (its watches are gone with the mount).
@@ -55,38 +56,6 @@ WORKER_RESTART_S = 1.0
 WORKER_RESTART_MAX_S = 60.0
 # The oldest pending paths of a root that `status` and the guard's log line name.
 PENDING_PATHS_SHOWN = 10
-
-
-class LiveProgress:
-    """scan.Progress for the daemon: plain numbers written by the scan thread, read by the loop."""
-
-    def __init__(self) -> None:
-        self.step = "idle"
-        self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
-        self.started = time.monotonic()
-
-    def phase(self, root: bytes, phase: str) -> None:
-        self.step = phase
-        if phase == "walking":
-            self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
-            self.started = time.monotonic()
-
-    def total(self, files: int, nbytes: int) -> None:
-        self.files_total, self.bytes_total = files, nbytes
-        self.started = time.monotonic()
-
-    def advance(self, files: int, nbytes: int) -> None:
-        self.files_done += files
-        self.bytes_done += nbytes
-
-    def describe(self) -> str:
-        if self.step != "hashing" or not self.bytes_total:
-            return self.step
-        elapsed = max(time.monotonic() - self.started, 1e-3)
-        rate = self.bytes_done / elapsed
-        pct = 100 * self.bytes_done / self.bytes_total
-        eta = (self.bytes_total - self.bytes_done) / rate if rate else 0
-        return f"hashing {pct:.0f}%, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s"
 
 
 @dataclass(eq=False)

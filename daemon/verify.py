@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon import fs
-from daemon.hasher import Unstable, hash_file
-from daemon.index import Index, JobRow, RootRow
-from daemon.model import Entry, Kind, RootState, Stat, join
+from daemon.hasher import hash_if_unchanged
+from daemon.index import Index, RootRow
+from daemon.model import Entry, RootState, join
+from daemon.progress import NoProgress, Progress
 from daemon.rules import HASH_SCHEME, granularity_ns, is_racily_clean
-from daemon.scan import NoProgress, Progress
+from daemon.toolstore import JobRow, ToolStore
 
 JOB = "verify"
 # Files read from the index per query, and how often the cursor is saved.
@@ -98,10 +99,6 @@ class VerifyError(Exception):
     """`verify --accept` cannot accept what it was given; the message says why."""
 
 
-def _same(entry: Stat, now: Stat) -> bool:
-    return (now.kind, now.size, now.mtime_ns, now.inode) == (Kind.FILE, entry.size, entry.mtime_ns, entry.inode)
-
-
 def verify(
     index: Index,
     scopes: Sequence[tuple[RootRow, bytes]],
@@ -117,14 +114,15 @@ def verify(
     stop = stop or threading.Event()
     bucket = TokenBucket(max_rate, max_rate * BURST_S, clock()) if max_rate else None
     report = VerifyReport()
+    tools = ToolStore(index)
     for root, scope in scopes:
         if root.state is RootState.OFFLINE:
             report.offline.append(root.path)
             continue
-        _verify_scope(index, root, scope, report, bucket, progress, stop, clock)
+        _verify_scope(tools, root, scope, report, bucket, progress, stop, clock)
         report.corrupt += [
             Finding(join(root.path, c.path), c.blake3, c.corrupt_blake3, c.size, c.mtime_ns)
-            for c in index.corrupt_under(root.id, scope)
+            for c in tools.corrupt_under(root.id, scope)
         ]
         if report.interrupted:
             break
@@ -133,7 +131,7 @@ def verify(
 
 
 def _verify_scope(
-    index: Index,
+    tools: ToolStore,
     root: RootRow,
     scope: bytes,
     report: VerifyReport,
@@ -142,12 +140,12 @@ def _verify_scope(
     stop: threading.Event,
     clock: Callable[[], float],
 ) -> None:
-    previous = index.job(JOB, root.id, scope)
+    previous = tools.job(JOB, root.id, scope)
     report.resumed = report.resumed or previous is not None
     job = previous or JobRow(JOB, root.id, scope, None, 0, 0, time.time(), 0)
     after = job.cursor if isinstance(job.cursor, bytes) else None
-    marked = index.corrupt_ids(root.id)
-    files, nbytes = index.file_totals_after(root.id, scope, after)
+    marked = tools.index.corrupt_ids(root.id)
+    files, nbytes = tools.file_totals_after(root.id, scope, after)
     progress.phase(join(root.path, scope), "verifying")
     progress.total(files, nbytes)
     done_files = done_bytes = 0
@@ -157,12 +155,12 @@ def _verify_scope(
         nonlocal job, done_files, done_bytes, last_save
         job = JobRow(JOB, root.id, scope, after, job.done_files + done_files, job.done_bytes + done_bytes,
                      job.started_at, 0)  # fmt: skip
-        index.save_job(job, {"verified_files": done_files, "verified_bytes": done_bytes})
+        tools.save_job(job, {"verified_files": done_files, "verified_bytes": done_bytes})
         done_files = done_bytes = 0
         last_save = clock()
 
     while True:
-        chunk = index.files_after(root.id, scope, after, CHUNK)
+        chunk = tools.files_after(root.id, scope, after, CHUNK)
         for entry in chunk:
             if stop.is_set():
                 save()
@@ -172,7 +170,7 @@ def _verify_scope(
                 wait = bucket.take(entry.stat.size, clock())
                 if wait > 0 and stop.wait(wait):
                     continue  # stopped while waiting: the loop's top saves and returns
-            checked = _verify_one(index, root, entry, entry.id in marked, report)
+            checked = _verify_one(tools, root, entry, entry.id in marked, report)
             if checked:
                 done_files += 1
                 done_bytes += entry.stat.size
@@ -183,36 +181,29 @@ def _verify_scope(
         if len(chunk) < CHUNK:
             break
     save()
-    index.end_job(JOB, root.id, scope)
+    tools.end_job(JOB, root.id, scope)
 
 
-def _verify_one(index: Index, root: RootRow, entry: Entry, marked: bool, report: VerifyReport) -> bool:
+def _verify_one(tools: ToolStore, root: RootRow, entry: Entry, marked: bool, report: VerifyReport) -> bool:
     """Re-hash one file if its indexed hash should still hold; True when it was checked."""
     path = join(root.path, entry.path)
     if entry.racy or entry.scheme < HASH_SCHEME or entry.blake3 is None:
         report.skipped += 1
         return False
     try:
-        now = fs.lstat(path)
-        if not _same(entry.stat, now):
-            report.skipped += 1
-            return False
-        hashed = hash_file(path, now)
-    except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
-        report.skipped += 1  # it is changing: the scanner's to look at
-        return False
+        hashed = hash_if_unchanged(path, entry.stat)
     except OSError as e:
         report.errors[path] = e.strerror or str(e)
         return False
-    if not _same(entry.stat, hashed.stat):
-        report.skipped += 1
+    if hashed is None:
+        report.skipped += 1  # it changed, or is changing: the scanner's to look at
         return False
     report.checked += 1
     report.checked_bytes += entry.stat.size
     if hashed.digest != entry.blake3:
-        if index.set_corrupt(entry, hashed.digest):
+        if tools.set_corrupt(entry, hashed.digest):
             report.found.append(Finding(path, entry.blake3, hashed.digest, entry.stat.size, entry.stat.mtime_ns))
-    elif marked and index.set_corrupt(entry, None):
+    elif marked and tools.set_corrupt(entry, None):
         report.cleared += 1  # the content came back (restored from a backup, mtime kept)
     return True
 
@@ -223,7 +214,8 @@ def accept(index: Index, root: RootRow, scope: bytes) -> list[Accepted]:
     Each file is hashed again (what is stored is what is there now, not what `verify` saw),
     its hash stored, its mark cleared, and a `modified` change appended to the feed.
     """
-    marks = index.corrupt_under(root.id, scope)
+    tools = ToolStore(index)
+    marks = tools.corrupt_under(root.id, scope)
     if not marks:
         raise VerifyError(f"{os.fsdecode(join(root.path, scope))}: nothing there is marked corrupt")
     granularity = granularity_ns(fs.fs_type(root.path))
@@ -235,16 +227,13 @@ def accept(index: Index, root: RootRow, scope: bytes) -> list[Accepted]:
         if entry is None:
             continue
         try:
-            now = fs.lstat(path)
-            if not _same(entry.stat, now):
-                raise VerifyError(f"{shown}: changed since it was verified; `treewatch scan` indexes it again")
-            hashed = hash_file(path, now)
-        except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
-            raise VerifyError(f"{shown}: changed since it was verified; `treewatch scan` indexes it again") from None
+            hashed = hash_if_unchanged(path, entry.stat)
         except OSError as e:
             raise VerifyError(f"{shown}: {e.strerror or e}") from None
+        if hashed is None:
+            raise VerifyError(f"{shown}: changed since it was verified; `treewatch scan` indexes it again")
         racy = is_racily_clean(hashed.stat.mtime_ns, hashed.read_started_ns, granularity)
-        seq = index.accept_content(entry, hashed.digest, racy)
+        seq = tools.accept_content(entry, hashed.digest, racy)
         if seq is None:
             raise VerifyError(f"{shown}: changed in the index meanwhile (a scan ran); verify it again")
         assert entry.blake3 is not None

@@ -10,25 +10,39 @@ import errno
 import os
 import stat as stat_mod
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import blake3
 
 from daemon import fs
 from daemon.filters import Excluder
-from daemon.index import Index, QueueRow, entry_of, row_unchanged
-from daemon.model import Entry, Kind, ScanScope, Stat, join, parent_of
-from daemon.rules import HASH_SCHEME, Change, classify
+from daemon.model import Entry, EntryRow, FolderState, Kind, QueueRow, ScanScope, Stat, entry_of, join, parent_of
+from daemon.rules import HASH_SCHEME, Change, classify, row_unchanged
+
+
+class WalkJournal(Protocol):
+    """All the walk asks of the index, and where it hands what it found (journal.ScanJournal).
+
+    The walk reads the rows of one root and never writes them: saving is the caller's job, as
+    Syncthing's walker sees the database only through its CurrentFiler.
+    """
+
+    def entry(self, path: bytes) -> Entry | None: ...
+    def id_of(self, path: bytes) -> int | None: ...
+    def folder_state(self, path: bytes) -> FolderState | None: ...
+    def children_rows(self, parent_id: int) -> dict[bytes, EntryRow]: ...
+    def queue(self, rows: Iterable[QueueRow]) -> None: ...
+    def mark_gone(self, paths: Iterable[bytes]) -> None: ...
+    def store_digests(self, digests: Iterable[tuple[bytes, int, int]]) -> None: ...
 
 
 @dataclass(slots=True)
 class WalkState:
-    """What one walk found, flushed to the index in chunks."""
+    """What one walk found, handed to its journal in chunks."""
 
-    index: Index
-    scan_id: int
-    root_id: int
+    journal: WalkJournal
     flush_every: int
     queued: list[QueueRow] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)
@@ -49,13 +63,13 @@ class WalkState:
 
     def flush(self) -> None:
         if self.queued:
-            self.index.queue(self.scan_id, self.queued)
+            self.journal.queue(self.queued)
             self.queued = []
         if self.gone:
-            self.index.mark_gone(self.scan_id, self.root_id, self.gone)
+            self.journal.mark_gone(self.gone)
             self.gone = []
         if self.digests:
-            self.index.store_digests(self.digests)
+            self.journal.store_digests(self.digests)
             self.digests = []
 
 
@@ -86,7 +100,7 @@ def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]
 
 def digest_seed(excluded: Excluder) -> bytes:
     """What else decides a folder's comparison: the excludes (the digest covers excluded
-    children too) and the hash scheme (`row_unchanged` re-queues rows of an older one)."""
+    children too) and the hash scheme (an upgrade compares every folder once more)."""
     return b"\0".join([b"treewatch-listing-1", str(HASH_SCHEME).encode(), *(os.fsencode(p) for p in excluded.patterns)])
 
 
@@ -114,7 +128,7 @@ def _refresh_own_entry(state: WalkState, root_path: bytes, rel: bytes) -> None:
     listing a folder of 100k files for every write in it would cost work proportional to the
     folder, not to the change).
     """
-    entry = state.index.entry(state.root_id, rel)
+    entry = state.journal.entry(rel)
     if entry is None:
         return
     try:
@@ -124,7 +138,7 @@ def _refresh_own_entry(state: WalkState, root_path: bytes, rel: bytes) -> None:
     reason, old_gone = _reason(entry, st)
     if reason == "metadata" and not old_gone:
         parent = parent_of(rel)
-        parent_id = state.index.id_of(state.root_id, parent) if parent else 0
+        parent_id = state.journal.id_of(parent) if parent else 0
         state.queue(QueueRow(rel, reason, entry.id, parent_id, st, None))
 
 
@@ -136,13 +150,13 @@ def walk_scope(
     stopping: Callable[[], bool],
 ) -> None:
     """Walk one scope, queueing new and changed entries and marking vanished ones gone."""
-    index, root_id = state.index, state.root_id
+    journal = state.journal
     rel = scope.subtree
     if rel:
         # An event below a folder the index does not know yet (its own creation event may
         # still be pending): walk from the highest unknown ancestor, so parents come first.
         parent = parent_of(rel)
-        while parent and index.id_of(root_id, parent) is None:
+        while parent and journal.id_of(parent) is None:
             rel, parent = parent, parent_of(parent)
             scope = ScanScope(scope.root, rel, True)
         if excluded.any_component(rel):
@@ -164,7 +178,7 @@ def walk_scope(
             # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
             state.refreshed.add(parent)
             _refresh_own_entry(state, root_path, parent)
-        entry = index.entry(root_id, rel)
+        entry = journal.entry(rel)
         try:
             st = fs.lstat(join(root_path, rel))
         except (FileNotFoundError, NotADirectoryError):
@@ -182,7 +196,7 @@ def walk_scope(
         if old_gone:
             state.mark_gone(rel)
         if reason is not None:
-            parent_id = index.id_of(root_id, parent) if parent else 0
+            parent_id = journal.id_of(parent) if parent else 0
             state.queue(QueueRow(rel, reason, entry.id if entry else None, parent_id, st, None))
         if st.kind is not Kind.DIR:
             return
@@ -197,7 +211,7 @@ def walk_scope(
             return
         # known: the folder has a row (b"" is the root, whose children have parent_id 0).
         dir_rel, known, dir_stat, recursive = stack.pop()
-        folder = index.folder_state(root_id, dir_rel) if known and dir_rel else None
+        folder = journal.folder_state(dir_rel) if known and dir_rel else None
         dir_id = 0 if not dir_rel else folder.id if folder is not None else None
         dir_abs = join(root_path, dir_rel)
         try:
@@ -225,7 +239,7 @@ def walk_scope(
                             if not excluded(child):
                                 stack.append((child, True, Stat.of(raw), True))
                 continue
-        indexed = index.children_rows(root_id, dir_id) if dir_id is not None else {}
+        indexed = journal.children_rows(dir_id) if dir_id is not None else {}
         all_unchanged = not listing.vanished
         compared = 0
         for name, raw in sorted(listing.children, key=_by_name):

@@ -14,8 +14,8 @@ from pathlib import Path
 from daemon import queries
 from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
-from daemon.model import ScanScope
-from daemon.scan import ScanReport, scan
+from daemon.model import ScanReport, ScanScope
+from daemon.scan import scan
 from tests.oracle import Row
 
 

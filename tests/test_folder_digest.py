@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import xattr
 
-from daemon.index import MIGRATIONS, Index, _statements
+from daemon.index import Index
+from daemon.journal import ScanJournal
+from daemon.schema import MIGRATIONS, statements
+from daemon.toolstore import ToolStore
 from tests.engine import run_scan, settle
 from tests.test_scan_cases import sync
 
@@ -38,9 +41,14 @@ def make_tree(library: Path) -> None:
 
 
 def digest_of(index: Index, rel: str) -> bytes | None:
-    state = index.folder_state(1, rel.encode())
+    state = walk_view(index).folder_state(rel.encode())
     assert state is not None, rel
     return state.digest
+
+
+def walk_view(index: Index) -> ScanJournal:
+    """What a walk of the root sees and stores through: a scan's journal."""
+    return ScanJournal.begin(index, 1, "full", "[]")
 
 
 def stored(index: Index, library: Path) -> None:
@@ -152,22 +160,24 @@ def test_a_racy_child_keeps_its_folder_without_a_digest(digested: Path, index: I
 
 
 def test_a_digest_is_not_stored_over_a_child_written_since_it_was_read(digested: Path, index: Index) -> None:
-    folder = index.folder_state(1, b"photos/2001")
+    journal = walk_view(index)
+    folder = journal.folder_state(b"photos/2001")
     assert folder is not None and folder.digest is not None
     child = index.entry(1, b"photos/2001/f3.jpg")
     assert child is not None
     # Another writer (here `verify` accepting a new hash) changes a child after the walk read
     # the folder's state and before it stores the digest it computed. The corruption mark
     # alone is no column the walk compares, so it leaves the digest in place.
-    assert index.set_corrupt(child, b"\x01" * 32)
+    tools = ToolStore(index)
+    assert tools.set_corrupt(child, b"\x01" * 32)
     assert digest_of(index, "photos/2001") is not None
-    assert index.accept_content(child, b"\x01" * 32, racy=False) is not None
+    assert tools.accept_content(child, b"\x01" * 32, racy=False) is not None
     assert digest_of(index, "photos/2001") is None
-    index.store_digests([(b"\x02" * 20, folder.id, folder.generation)])
+    journal.store_digests([(b"\x02" * 20, folder.id, folder.generation)])
     assert digest_of(index, "photos/2001") is None
-    fresh = index.folder_state(1, b"photos/2001")
+    fresh = journal.folder_state(b"photos/2001")
     assert fresh is not None and fresh.generation > folder.generation
-    index.store_digests([(b"\x02" * 20, fresh.id, fresh.generation)])
+    journal.store_digests([(b"\x02" * 20, fresh.id, fresh.generation)])
     assert digest_of(index, "photos/2001") == b"\x02" * 20
 
 
@@ -175,7 +185,7 @@ def test_an_index_of_schema_3_is_migrated_and_its_folders_digested(library: Path
     make_tree(library)
     old = sqlite3.connect(db, isolation_level=None)
     for version, script in enumerate(MIGRATIONS[:3], start=1):
-        for statement in _statements(script):
+        for statement in statements(script):
             old.execute(statement)
         old.execute(f"PRAGMA user_version = {version}")
     old.close()

@@ -16,10 +16,18 @@ import pytest
 import xattr
 
 from daemon import fs, hasher
-from daemon.hasher import CHILD_HASH_BYTES, SMALL_FILE, Hashed, HashProcesses, Unstable, hash_file, hash_group
+from daemon.hasher import (
+    CHILD_HASH_BYTES,
+    PROCESS_MIN_FILES,
+    SMALL_FILE,
+    Hashed,
+    HashProcesses,
+    Unstable,
+    hash_file,
+    hash_group,
+)
 from daemon.index import Index
 from daemon.model import Stat
-from daemon.scan import PROCESS_MIN_FILES
 from tests.conftest import wait_for
 from tests.engine import HASH_WORKER, counters, many_small_files, processes, run_scan
 from tests.oracle import diff, expected, indexed

@@ -6,8 +6,10 @@ import dataclasses
 import stat as stat_mod
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from daemon.model import Entry, Kind, Stat
+from daemon.model import Entry, Kind, Stat, entry_of
 from daemon.rules import (
     HASH_SCHEME,
     LOCAL_GRANULARITY_NS,
@@ -18,6 +20,7 @@ from daemon.rules import (
     granularity_ns,
     is_racily_clean,
     offline_reason,
+    row_unchanged,
     same_inode,
     stable_while_hashed,
 )
@@ -181,3 +184,45 @@ STABLE = [
 @pytest.mark.parametrize(("name", "after", "want"), STABLE, ids=[c[0] for c in STABLE])
 def test_stable_while_hashed(name: str, after: Stat, want: bool) -> None:
     assert stable_while_hashed(FILE, after) is want
+
+
+# --- row_unchanged is classify, for the walk's hot path -----------------------------------------
+
+_small = st.integers(min_value=0, max_value=2)  # few values: equal fields come up often
+_stat = st.builds(
+    Stat,
+    kind=st.sampled_from(list(Kind)),
+    size=_small,
+    mtime_ns=_small,
+    ctime_ns=_small,
+    inode=_small,
+    dev=_small,
+    mode=_small,
+    uid=_small,
+    gid=_small,
+    nlink=_small,
+)
+
+
+@settings(max_examples=400)
+@given(
+    indexed=_stat,
+    now=_stat,
+    blake3=st.none() | st.just(b"h" * 32),
+    racy=st.booleans(),
+    scheme=st.integers(min_value=0, max_value=HASH_SCHEME + 1),
+    same_but=st.sampled_from([None, *(f.name for f in dataclasses.fields(Stat))]),
+)
+def test_row_unchanged_agrees_with_classify(
+    indexed: Stat, now: Stat, blake3: bytes | None, racy: bool, scheme: int, same_but: str | None
+) -> None:
+    """The walk decides most rows with row_unchanged, without building an Entry; a row it calls
+    unchanged must be exactly one that classify calls unchanged (and the other way round)."""
+    if same_but is not None:  # now equal to the indexed stat except (at most) one field
+        now = dataclasses.replace(indexed, **{same_but: getattr(now, same_but)})
+    e = Entry(9, 1, b"a/b", indexed, blake3, racy, scheme, 5, None, None)
+    row = (e.id, e.root_id, e.path, indexed.kind.value, indexed.size, indexed.mtime_ns, indexed.ctime_ns,
+           indexed.inode, indexed.dev, indexed.mode, indexed.uid, indexed.gid, indexed.nlink, blake3, int(racy),
+           scheme, e.seq, None, None)  # fmt: skip
+    assert entry_of(row) == e  # the row is what the index hands out for this entry
+    assert row_unchanged(row, now) == (classify(e, now) is Change.NONE)

@@ -18,8 +18,9 @@ import xattr
 from daemon import queries
 from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
-from daemon.model import ScanScope
-from daemon.scan import NoProgress, ScanReport, scan
+from daemon.model import ScanReport, ScanScope
+from daemon.progress import NoProgress
+from daemon.scan import scan
 from tests.engine import replay, rows, run_scan, settle
 from tests.oracle import diff, expected
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import threading
 import time
@@ -24,8 +25,7 @@ from daemon.aggregate import COALESCE_FRACTION
 from daemon.config import Config, RootConfig, SyncConfig, WatchConfig
 from daemon.index import Index
 from daemon.logs import MessageId
-from daemon.model import ScanScope
-from daemon.scheduler import RootRuntime, Scheduler
+from daemon.scheduler import Scheduler
 from daemon.watch import EventKind, WatchEvent
 
 DEBOUNCE_S = 1.0  # the slack is then 0.1 s
@@ -42,51 +42,44 @@ def test_a_burst_is_one_scan_taken_when_its_last_window_closes(library: Path, db
         sync=SyncConfig(full_interval_s=0, startup=False),
     )
     assert 0.08 < DEBOUNCE_S * COALESCE_FRACTION < 0.15  # the times below straddle the slack
-    rounds: list[tuple[float, list[bytes]]] = []
+    started: list[float] = []
 
     async def scenario() -> None:
         scheduler = Scheduler(config, threading.Event())
-        real_scan = scheduler._scan
-
-        async def observed(rt: RootRuntime, scopes: list[ScanScope]) -> None:
-            rounds.append((time.monotonic(), [s.subtree for s in scopes]))
-            await real_scan(rt, scopes)
-
-        scheduler._scan = observed  # type: ignore[method-assign]
         await scheduler.start()
         try:
             rt = scheduler.roots[os.fsencode(library)]
             t0 = time.monotonic()
+            started.append(time.time())
             # The first event wakes the worker, which goes to sleep until its window closes
             # (t0 + 1.0); the rest arrive while it sleeps and do not wake it (Scheduler.on_event),
             # their windows closing at t0 + 1.04 and + 1.08: one burst. late.jpg's closes 0.15 s
             # after the first, beyond the slack: a round of its own.
             rt.aggregator.add(names[0], t0)
             rt.wake.set()
-            while rt.sleep_until != t0 + DEBOUNCE_S and time.monotonic() < t0 + 0.5:
-                await asyncio.sleep(0.001)
-            assert rt.sleep_until == t0 + DEBOUNCE_S
+            await _until(lambda: rt.sleep_until == t0 + DEBOUNCE_S, 0.5, "the worker to sleep until the window")
             for name, at in zip(names[1:], (0.04, 0.08, 0.15), strict=True):
                 rt.aggregator.add(name, t0 + at)
-            deadline = time.monotonic() + 30
-            while (len(rounds) < 2 or rt.scanning is not None) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await _until(lambda: rt.aggregator.pending == 0 and rt.scanning is None, 30, "both rounds")
         finally:
             await scheduler.drain()
             await scheduler.close()
-        assert [subtrees for _, subtrees in rounds] == [names[:3], names[3:]]
-        # Nothing was scanned before its own quiet window closed.
-        assert rounds[0][0] >= t0 + 0.08 + DEBOUNCE_S
-        assert rounds[1][0] >= t0 + 0.15 + DEBOUNCE_S
 
     asyncio.run(scenario())
     index = Index(db)
     try:
+        # Each round is one scan, recorded with its scopes and when it started.
+        rounds = [(at, [os.fsencode(p) for p, _ in json.loads(scopes)])
+                  for scopes, at in index.db.execute("SELECT scopes, started_at FROM scans ORDER BY id")]  # fmt: skip
         root = index.root(os.fsencode(library), create=False)
         assert root is not None
         assert all(index.entry(root.id, name) is not None for name in names)
     finally:
         index.close()
+    assert [subtrees for _, subtrees in rounds] == [names[:3], names[3:]]
+    # Nothing was scanned before its own quiet window closed (wall clock, as the table has it).
+    assert rounds[0][0] >= started[0] + 0.08 + DEBOUNCE_S - 0.01
+    assert rounds[1][0] >= started[0] + 0.15 + DEBOUNCE_S - 0.01
 
 
 def _config(library: Path, db: Path, **watch: float) -> Config:

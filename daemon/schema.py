@@ -1,0 +1,177 @@
+"""The index's schema: every migration, in order, as data. `Index` runs them (index.py).
+
+Each migration takes the database from version N-1 to N in one transaction with its check;
+append, never edit a released one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+SCHEMA_VERSION = 5
+
+# Each migration takes the database from version N-1 to N; append, never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE roots(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path BLOB NOT NULL UNIQUE,
+        dev INTEGER,
+        state TEXT NOT NULL DEFAULT 'online',
+        offline_reason TEXT,
+        last_full_sync REAL,
+        overflows INTEGER NOT NULL DEFAULT 0,
+        observer TEXT,
+        pending INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE entries(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        root_id INTEGER NOT NULL REFERENCES roots(id),
+        path BLOB NOT NULL,
+        parent_id INTEGER NOT NULL,          -- 0 for the root's own children
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        dev INTEGER NOT NULL,
+        mode INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        gid INTEGER NOT NULL,
+        nlink INTEGER NOT NULL,
+        blake3 BLOB,
+        racy INTEGER NOT NULL DEFAULT 0,
+        scheme INTEGER NOT NULL DEFAULT 0,
+        target BLOB,
+        xattrs TEXT,
+        seq INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX entries_by_path ON entries(root_id, path);
+    CREATE INDEX entries_by_parent ON entries(root_id, parent_id);
+    CREATE INDEX entries_by_inode ON entries(inode);
+    CREATE INDEX entries_by_hash ON entries(blake3, size) WHERE blake3 IS NOT NULL;
+    CREATE TABLE changes(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        entry_id INTEGER NOT NULL,
+        root_id INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path BLOB NOT NULL,
+        old_path BLOB,
+        at REAL NOT NULL
+    );
+    CREATE TABLE scans(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        root_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        state TEXT NOT NULL,                 -- walking | hashing | deleting | done
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        queued_files INTEGER NOT NULL DEFAULT 0,
+        queued_bytes INTEGER NOT NULL DEFAULT 0,
+        done_files INTEGER NOT NULL DEFAULT 0,
+        done_bytes INTEGER NOT NULL DEFAULT 0,
+        pid INTEGER NOT NULL
+    );
+    CREATE TABLE scan_queue(
+        scan_id INTEGER NOT NULL,
+        path BLOB NOT NULL,
+        reason TEXT NOT NULL,                -- new | content | metadata | replaced
+        entry_id INTEGER,                    -- the row now at this path, if any
+        parent_id INTEGER,                   -- NULL when the parent is new too
+        kind TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL, dev INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL,
+        gid INTEGER NOT NULL, nlink INTEGER NOT NULL,
+        renamed_from INTEGER,                -- a gone entry matched by inode
+        PRIMARY KEY(scan_id, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX scan_queue_by_inode ON scan_queue(scan_id, inode);
+    CREATE TABLE scan_gone(
+        scan_id INTEGER NOT NULL,
+        entry_id INTEGER NOT NULL,
+        PRIMARY KEY(scan_id, entry_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE errors(
+        root_id INTEGER NOT NULL,
+        path BLOB NOT NULL,
+        error TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY(root_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE daemon(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        activity TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+    # 2 (issue 6: dupes, verify, rebuild): the corruption mark, the indexes `dupes` and
+    # `status` need, and the cursors that make `verify` and `rebuild` resumable.
+    """
+    ALTER TABLE entries ADD COLUMN corrupt_blake3 BLOB;  -- the hash `verify` saw on disk
+    CREATE INDEX entries_corrupt ON entries(root_id, path) WHERE corrupt_blake3 IS NOT NULL;
+    CREATE INDEX entries_dupes ON entries(size, blake3)
+        WHERE kind = 'file' AND blake3 IS NOT NULL AND corrupt_blake3 IS NULL;
+    CREATE TABLE jobs(
+        name TEXT NOT NULL,                  -- verify | rebuild
+        root_id INTEGER NOT NULL,            -- 0 for a job over every root
+        scope BLOB NOT NULL,                 -- root-relative path (b'' is the whole root)
+        cursor,                              -- the last item done: a path (verify) or an entry id (rebuild)
+        done_files INTEGER NOT NULL DEFAULT 0,
+        done_bytes INTEGER NOT NULL DEFAULT 0,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        pid INTEGER NOT NULL,
+        PRIMARY KEY(name, root_id, scope)
+    ) WITHOUT ROWID;
+    """,
+    # 3: entries_dupes (size, blake3) also serves rename matching by content, so the older
+    # (blake3, size) index only cost every insert a second random B-tree update: 0.8 s of
+    # a 6.4 s first index of 100k small files (docs/benchmarks.md).
+    """
+    DROP INDEX IF EXISTS entries_by_hash;
+    """,
+    # 4: a folder's listing digest, so a sync skips comparing the children of a folder whose
+    # listing matches the one last found equal to the index (docs/scanning.md, "Unchanged
+    # folders"). children_gen counts writes to the folder's children, and every such write
+    # clears the digest: a digest is stored only if no child changed since the walk read them.
+    # Inserts do the same in `commit`, once per parent and batch: a trigger per inserted row
+    # cost a first index of 100k files 0.6 s of 2 s of inserts.
+    """
+    ALTER TABLE entries ADD COLUMN children_digest BLOB;
+    ALTER TABLE entries ADD COLUMN children_gen INTEGER NOT NULL DEFAULT 0;
+    CREATE TRIGGER entries_child_removed AFTER DELETE ON entries BEGIN
+        UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL WHERE id = OLD.parent_id;
+    END;
+    CREATE TRIGGER entries_child_changed AFTER UPDATE OF root_id, path, parent_id, kind, size, mtime_ns,
+        ctime_ns, inode, dev, mode, uid, gid, nlink, blake3, racy, scheme ON entries BEGIN
+        UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL
+            WHERE id IN (OLD.parent_id, NEW.parent_id);
+    END;
+    """,
+    # 5: how long the oldest pending path of a root has waited, and the oldest few, published
+    # by the daemon so that `status` shows a round that is late (docs/aggregation.md, "Stalls").
+    """
+    ALTER TABLE roots ADD COLUMN pending_since REAL;   -- wall-clock time its oldest pending event came
+    ALTER TABLE roots ADD COLUMN pending_paths TEXT;   -- JSON list of the oldest pending paths (fsdecoded)
+    """,
+)
+
+
+def statements(script: str) -> Iterator[str]:
+    """Split a migration into statements, keeping a trigger's body (which has `;`) whole.
+
+    Not executescript: it commits first, and a migration must be one transaction with its check.
+    """
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n\t;"):
+                yield pending
+            pending = ""
