@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import os
 import threading
@@ -42,7 +41,6 @@ from watchdog.events import (
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
-    FileSystemMovedEvent,
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
@@ -50,6 +48,7 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, Inotify
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from daemon.config import RootConfig, WatchConfig
+from daemon.events import EventKind, RootPaths, WatchEvent, map_event
 from daemon.filters import Excluder
 from daemon.fs import fs_type
 from daemon.rules import uses_polling
@@ -93,27 +92,6 @@ def _check_watchdog() -> None:
 _check_watchdog()
 
 
-class EventKind(enum.Enum):
-    CHANGED = "changed"  # a file (or with is_dir, a folder's own listing/metadata) changed
-    DELETED = "deleted"
-    CREATED_DIR = "created_dir"  # a new folder: walk it whole
-    MOVED = "moved"
-    OVERFLOW = "overflow"  # events were lost: full sync of the root
-    WATCH_LIMIT = "watch_limit"  # folders could not be watched: now polling, full sync
-    OBSERVER_DIED = "observer_died"  # a watchdog thread died: now polling until restored, full sync
-    INOTIFY_RESTORED = "inotify_restored"  # inotify is back after a fallback: full sync
-    ROOT_GONE = "root_gone"  # the root was deleted, moved or unmounted: now polling
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    kind: EventKind
-    rel: bytes | None = None  # root-relative path bytes (b"" = the root); MOVED: the source
-    dest: bytes | None = None  # MOVED only: the destination
-    is_dir: bool = False
-    detail: str = ""  # OVERFLOW / WATCH_LIMIT / OBSERVER_DIED / ROOT_GONE: a sentence for the log
-
-
 def read_sysctl(path: str) -> int | None:
     try:
         with open(path, "rb") as f:
@@ -136,12 +114,6 @@ EVENT_FILTER: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
     DirMovedEvent,
 ]
-_FILE_CHANGED = (FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent)
-# DirModifiedEvent is left out on purpose: watchdog makes one for the parent of every created,
-# deleted, moved or written file (inotify.py:489-534), and a folder event means "list this
-# folder" — for a folder of 100k files, per write. The child's own event is enough; the
-# scanner refreshes the parent's own row from it (walk._refresh_own_entry).
-_DIR_CHANGED = (DirAttribEvent,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,24 +126,14 @@ class _Trouble:
 class _Session:
     """One inotify attempt: an observer, its watch group's counts, and what went wrong first."""
 
-    def __init__(self, watcher: RootWatcher, top: bytes) -> None:
+    def __init__(self, watcher: RootWatcher, paths: RootPaths) -> None:
         self.watcher = watcher
-        self.top = top  # the root's real path, as watched
-        self.prefix = top.rstrip(b"/") + b"/"
+        self.paths = paths
         self.cancelled = threading.Event()
         self.observer: _Observer | None = None
         self.group: _WatchGroup | None = None
         self.root_wd: WatchDescriptor | None = None
         self.failed: dict[bytes, int] = {}  # folder -> errno, for folders we meant to watch
-
-    def rel(self, path: bytes | str) -> bytes | None:
-        raw = path if isinstance(path, bytes) else os.fsencode(path)
-        if raw == self.top:
-            return b""
-        return raw[len(self.prefix) :] if raw.startswith(self.prefix) else None
-
-    def excluded(self, rel: bytes) -> bool:
-        return rel != b"" and self.watcher.excluder.any_component(rel)
 
     @property
     def watched(self) -> int:
@@ -216,8 +178,8 @@ class _WatchGroup(InotifyWatchGroup):
         # watched (a .stversions tree must not use up the watch limit), and a stop() cancels a
         # long placement instead of waiting for it.
         s = self._s()
-        rel = s.rel(path)
-        if rel is None or s.excluded(rel):
+        rel = s.paths.rel(path)
+        if rel is None or s.paths.excluded(rel):
             return
         is_dir = os.path.isdir(path)
         self._add_callback(path)
@@ -229,8 +191,8 @@ class _WatchGroup(InotifyWatchGroup):
             kept = []
             for name in dirnames:
                 full = os.path.join(top, name)
-                sub = s.rel(full)
-                if sub is None or s.watcher.excluder(sub) or os.path.islink(full):
+                sub = s.paths.rel(full)
+                if sub is None or s.paths.excluder(sub) or os.path.islink(full):
                     continue
                 kept.append(name)
                 self._add_callback(full)
@@ -323,7 +285,7 @@ class _Emitter(InotifyEmitter):
     def __init__(self, event_queue: EventQueue, watch: ObservedWatch, *, session: _Session, **kwargs: Any) -> None:
         super().__init__(event_queue, watch, **kwargs)
         self._session = session
-        self.name = f"treewatch-emitter {os.fsdecode(session.top)}"
+        self.name = f"treewatch-emitter {os.fsdecode(session.paths.top)}"
 
     def on_thread_start(self) -> None:
         mask = Mask(self.get_event_mask_from_filter() | InotifyConstants.IN_MOVE_SELF | InotifyConstants.IN_ONLYDIR)
@@ -360,7 +322,7 @@ class _InotifyFD(InotifyFD):
     def __init__(self, session: _Session) -> None:
         super().__init__()
         self._session = session
-        self.name = f"treewatch-inotify {os.fsdecode(session.top)}"
+        self.name = f"treewatch-inotify {os.fsdecode(session.paths.top)}"
 
     def run(self) -> None:
         try:
@@ -377,7 +339,7 @@ class _Observer(BaseObserver):
         self._inotify_fd = _InotifyFD(session)  # inotify_init: EMFILE at max_user_instances
         self._inotify_fd.start()
         super().__init__(_Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd, session=session)
-        self.name = f"treewatch-dispatch {os.fsdecode(session.top)}"
+        self.name = f"treewatch-dispatch {os.fsdecode(session.paths.top)}"
 
     def on_thread_stop(self) -> None:
         super().on_thread_stop()
@@ -398,42 +360,9 @@ class _Handler(FileSystemEventHandler):
         self._session = session
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        mapped = map_event(event, self._session)
+        mapped = map_event(event, self._session.paths)
         if mapped is not None:
             self._session.watcher.emit(mapped)
-
-
-def map_event(event: FileSystemEvent, session: _Session) -> WatchEvent | None:
-    # Synthetic events are watchdog's walk of a folder moved or moved in (events.py:665-709):
-    # one per descendant. MOVED of the folder and CREATED_DIR (walk it whole) already cover them.
-    if event.is_synthetic:
-        return None
-    is_dir = event.is_directory
-    if isinstance(event, FileSystemMovedEvent):
-        src = session.rel(event.src_path)
-        dest = session.rel(event.dest_path) if event.dest_path else None
-        src = src if src and not session.excluded(src) else None  # b"": the root (ROOT_GONE)
-        dest = dest if dest and not session.excluded(dest) else None
-        if src is not None and dest is not None:
-            return WatchEvent(EventKind.MOVED, src, dest, is_dir)
-        if dest is not None:  # moved in, or from an excluded name (an editor's temp file)
-            return WatchEvent(EventKind.CREATED_DIR if is_dir else EventKind.CHANGED, dest, is_dir=is_dir)
-        if src is not None:  # moved out, or to an excluded name
-            return WatchEvent(EventKind.DELETED, src, is_dir=is_dir)
-        return None
-    rel = session.rel(event.src_path)
-    if rel is None or session.excluded(rel):
-        return None
-    if isinstance(event, _FILE_CHANGED):
-        return WatchEvent(EventKind.CHANGED, rel)
-    if isinstance(event, _DIR_CHANGED):
-        return WatchEvent(EventKind.CHANGED, rel, is_dir=True)
-    if isinstance(event, DirCreatedEvent):
-        return WatchEvent(EventKind.CREATED_DIR, rel, is_dir=True)
-    if isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
-        # The root's own deletion is ROOT_GONE, reported from the raw inotify event.
-        return WatchEvent(EventKind.DELETED, rel, is_dir=is_dir) if rel else None
-    return None
 
 
 class RootWatcher:
@@ -675,7 +604,7 @@ class RootWatcher:
         """Place every watch (blocking). None when all are placed; else torn down and why."""
         # The real path: a root that is a symlink would otherwise be watched as the link
         # itself (watchdog adds IN_DONT_FOLLOW, inotify.py:169-175).
-        session = _Session(self, os.path.realpath(self._root))
+        session = _Session(self, RootPaths(os.path.realpath(self._root), self.excluder))
         with self._cond:
             if self._stopping.is_set():
                 return None
@@ -685,7 +614,7 @@ class RootWatcher:
             # bytes, so names that are not UTF-8 round-trip: watchdog keeps bytes paths when the
             # watch path is bytes (inotify.py:538-540), despite its str annotation.
             session.observer.schedule(
-                _Handler(session), cast(str, session.top), recursive=True, event_filter=EVENT_FILTER
+                _Handler(session), cast(str, session.paths.top), recursive=True, event_filter=EVENT_FILTER
             )
             session.observer.start()  # places the watches in this thread (api.py:316-323)
         except OSError as e:

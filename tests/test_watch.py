@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 
 from daemon.config import RootConfig, WatchConfig
+from daemon.events import EventKind, WatchEvent
 from daemon.rules import uses_polling
-from daemon.watch import EventKind, RootWatcher, WatchEvent, _Emitter
+from daemon.watch import RootWatcher, _Emitter
 from tests.conftest import MAX_QUEUED, lowered_queue
 
 REPO = Path(__file__).resolve().parents[1]
