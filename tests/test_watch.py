@@ -26,8 +26,9 @@ import pytest
 
 from daemon.config import RootConfig, WatchConfig
 from daemon.events import EventKind, WatchEvent
+from daemon.inotify import _Emitter
 from daemon.rules import uses_polling
-from daemon.watch import RootWatcher, _Emitter
+from daemon.watch import RootWatcher
 from tests.conftest import MAX_QUEUED, lowered_queue
 
 REPO = Path(__file__).resolve().parents[1]
