@@ -20,6 +20,7 @@ from typing import Any
 from daemon import fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
+from daemon.events import EventKind, WatchEvent
 from daemon.index import AsyncIndex, Index
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
@@ -28,7 +29,7 @@ from daemon.progress import LiveProgress
 from daemon.rebuild import needs_rebuild, rebuild
 from daemon.rules import HASH_SCHEME
 from daemon.scan import scan
-from daemon.watch import EventKind, RootWatcher, WatchEvent
+from daemon.watch import RootWatcher
 
 # How often an offline root is looked at again (its watches are gone with the mount).
 OFFLINE_RECHECK_S = 30.0

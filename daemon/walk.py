@@ -124,7 +124,7 @@ def _refresh_own_entry(state: WalkState, root_path: bytes, rel: bytes) -> None:
     """Compare a folder's own row (times, mode) without listing it.
 
     Creating, deleting or renaming a child moves its folder's mtime; the watcher reports the
-    child, not the folder (watchdog's synthetic parent events are dropped in watch.py, since
+    child, not the folder (watchdog's synthetic parent events are dropped in events.py, since
     listing a folder of 100k files for every write in it would cost work proportional to the
     folder, not to the change).
     """

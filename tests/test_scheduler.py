@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from daemon import logs, queries
 from daemon.aggregate import COALESCE_FRACTION
 from daemon.config import Config, RootConfig, SyncConfig, WatchConfig
+from daemon.events import EventKind, WatchEvent
 from daemon.index import Index
 from daemon.logs import MessageId
 from daemon.scheduler import Scheduler
-from daemon.watch import EventKind, WatchEvent
 
 DEBOUNCE_S = 1.0  # the slack is then 0.1 s
 

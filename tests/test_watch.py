@@ -1,4 +1,4 @@
-"""daemon.watch against real inotify: real files in tmp_path, a real asyncio loop, real limits.
+"""daemon.watch and daemon.inotify against real inotify: real files in tmp_path, a real asyncio loop, real limits.
 
 Every wait is on a condition with a deadline. The overflow test lowers the global
 fs.inotify.max_queued_events only while the watcher creates its inotify instance; the
@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent
 
 from daemon.config import RootConfig, WatchConfig
+from daemon.events import EventKind, WatchEvent
 from daemon.rules import uses_polling
-from daemon.watch import EventKind, RootWatcher, WatchEvent, _Emitter
+from daemon.watch import RootWatcher
 from tests.conftest import MAX_QUEUED, lowered_queue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,18 +298,20 @@ def test_root_gone_then_back(tmp_path: Path) -> None:
 
 
 def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Fault injection: the emitter thread raises once, on a file named "boom".
-    original = _Emitter.build_and_queue_event
+    # Fault injection into watchdog, not into the daemon: watchdog's own emitter raises once,
+    # on a file named "boom". The daemon's emitter calls it through super(), so the real thread
+    # dies through the daemon's real code path.
+    original = InotifyEmitter.build_and_queue_event
     raised: list[bool] = []
 
-    def faulty(self: _Emitter, event: Any, *, full_events: bool = False) -> None:
+    def faulty(self: InotifyEmitter, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
         path = getattr(event, "path", b"")
         if isinstance(path, bytes) and path.endswith(b"/boom") and not raised:
             raised.append(True)
             raise RuntimeError("injected")
         original(self, event, full_events=full_events)
 
-    monkeypatch.setattr(_Emitter, "build_and_queue_event", faulty)
+    monkeypatch.setattr(InotifyEmitter, "build_and_queue_event", faulty)
 
     async def scenario() -> None:
         async with watching(library) as run:
@@ -328,7 +333,8 @@ CHILD = """
 import asyncio, json, os, sys, time
 from pathlib import Path
 from daemon.config import RootConfig, WatchConfig
-from daemon.watch import EventKind, RootWatcher
+from daemon.events import EventKind
+from daemon.watch import RootWatcher
 
 root, limit = Path(sys.argv[1]), sys.argv[2]
 LIMIT = "/proc/sys/user/max_inotify_watches"
@@ -430,7 +436,8 @@ UNMOUNT_CHILD = """
 import asyncio, json, os, subprocess, sys, time
 from pathlib import Path
 from daemon.config import RootConfig, WatchConfig
-from daemon.watch import EventKind, RootWatcher
+from daemon.events import EventKind
+from daemon.watch import RootWatcher
 
 root = Path(sys.argv[1])
 subprocess.run(["mount", "-t", "tmpfs", "tw-test", str(root)], check=True)

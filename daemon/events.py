@@ -1,0 +1,113 @@
+"""What the watcher reports, and the pure mapping from watchdog's events to it.
+
+:func:`map_event` turns one of watchdog's events into a root-relative :class:`WatchEvent`,
+or into nothing (excluded, outside the root, or covered by another event). It does no I/O
+and needs no observer: a :class:`RootPaths` value says how paths become root-relative and
+what is left out, so it can be called with events made by hand. The ``file:line``
+citations in the comments are watchdog 7.1.0's (``watchdog/events.py``,
+``watchdog/observers/inotify.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileSystemEvent,
+    FileSystemMovedEvent,
+)
+
+from daemon.filters import Excluder
+
+
+class EventKind(enum.Enum):
+    CHANGED = "changed"  # a file (or with is_dir, a folder's own listing/metadata) changed
+    DELETED = "deleted"
+    CREATED_DIR = "created_dir"  # a new folder: walk it whole
+    MOVED = "moved"
+    OVERFLOW = "overflow"  # events were lost: full sync of the root
+    WATCH_LIMIT = "watch_limit"  # folders could not be watched: now polling, full sync
+    OBSERVER_DIED = "observer_died"  # a watchdog thread died: now polling until restored, full sync
+    INOTIFY_RESTORED = "inotify_restored"  # inotify is back after a fallback: full sync
+    ROOT_GONE = "root_gone"  # the root was deleted, moved or unmounted: now polling
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    kind: EventKind
+    rel: bytes | None = None  # root-relative path bytes (b"" = the root); MOVED: the source
+    dest: bytes | None = None  # MOVED only: the destination
+    is_dir: bool = False
+    detail: str = ""  # OVERFLOW / WATCH_LIMIT / OBSERVER_DIED / ROOT_GONE: a sentence for the log
+
+
+@dataclass(frozen=True, slots=True)
+class RootPaths:
+    """A watched root as its events' paths see it: where it is, and what is left out of it."""
+
+    top: bytes  # the root's real path, as watched
+    excluder: Excluder
+    prefix: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", self.top.rstrip(b"/") + b"/")
+
+    def rel(self, path: bytes | str) -> bytes | None:
+        raw = path if isinstance(path, bytes) else os.fsencode(path)
+        if raw == self.top:
+            return b""
+        return raw[len(self.prefix) :] if raw.startswith(self.prefix) else None
+
+    def excluded(self, rel: bytes) -> bool:
+        return rel != b"" and self.excluder.any_component(rel)
+
+
+_FILE_CHANGED = (FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent)
+# DirModifiedEvent is left out on purpose: watchdog makes one for the parent of every created,
+# deleted, moved or written file (inotify.py:489-534), and a folder event means "list this
+# folder" — for a folder of 100k files, per write. The child's own event is enough; the
+# scanner refreshes the parent's own row from it (walk._refresh_own_entry).
+_DIR_CHANGED = (DirAttribEvent,)
+
+
+def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
+    # Synthetic events are watchdog's walk of a folder moved or moved in (events.py:665-709):
+    # one per descendant. MOVED of the folder and CREATED_DIR (walk it whole) already cover them.
+    if event.is_synthetic:
+        return None
+    is_dir = event.is_directory
+    if isinstance(event, FileSystemMovedEvent):
+        src = paths.rel(event.src_path)
+        dest = paths.rel(event.dest_path) if event.dest_path else None
+        src = src if src and not paths.excluded(src) else None  # b"": the root (ROOT_GONE)
+        dest = dest if dest and not paths.excluded(dest) else None
+        if src is not None and dest is not None:
+            return WatchEvent(EventKind.MOVED, src, dest, is_dir)
+        if dest is not None:  # moved in, or from an excluded name (an editor's temp file)
+            return WatchEvent(EventKind.CREATED_DIR if is_dir else EventKind.CHANGED, dest, is_dir=is_dir)
+        if src is not None:  # moved out, or to an excluded name
+            return WatchEvent(EventKind.DELETED, src, is_dir=is_dir)
+        return None
+    rel = paths.rel(event.src_path)
+    if rel is None or paths.excluded(rel):
+        return None
+    if isinstance(event, _FILE_CHANGED):
+        return WatchEvent(EventKind.CHANGED, rel)
+    if isinstance(event, _DIR_CHANGED):
+        return WatchEvent(EventKind.CHANGED, rel, is_dir=True)
+    if isinstance(event, DirCreatedEvent):
+        return WatchEvent(EventKind.CREATED_DIR, rel, is_dir=True)
+    if isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+        # The root's own deletion is ROOT_GONE, reported from the raw inotify event.
+        return WatchEvent(EventKind.DELETED, rel, is_dir=is_dir) if rel else None
+    return None

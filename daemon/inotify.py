@@ -1,0 +1,379 @@
+"""watchdog's inotify observer, adapted so that nothing that goes wrong with the watches is silent.
+
+One :class:`InotifySession` is one attempt to watch a root: its own inotify instance, its
+three watchdog threads (reader, emitter, dispatcher) and the counts of the folders it meant
+to watch and did. Events go through :func:`daemon.events.map_event` to a :class:`Watcher`
+(the root's supervisor, ``daemon.watch``), and so does what watchdog keeps to itself: a
+queue overflow (watchdog then re-adds the watches), and, as a :class:`Trouble` that ends the
+attempt, a folder that could not be watched, a root that went away or a thread that died.
+Why and how: ``docs/overflow.md``.
+
+watchdog hides two of these from event handlers, so this module reaches into its inotify
+internals: small subclasses of ``InotifyWatchGroup``, ``InotifyEmitter``, ``InotifyFD`` and
+the observer, checked against watchdog 7.1 (see ``_check_watchdog``). The line numbers in the
+comments are those of watchdog 7.1.0 (``inotify.py`` is ``watchdog/observers/inotify.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+import watchdog.version
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
+from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask, WatchDescriptor
+from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
+
+from daemon.events import EventKind, RootPaths, WatchEvent, map_event
+
+# The watchdog releases whose internals this module was read against and tested with. A patch
+# release may rewrite them: 7.1.1 replaced the path maps by a tree of nodes, and with this
+# module's overrides on it the daemon placed its watches and then never saw an event.
+CHECKED_WATCHDOG = ((7, 1, 0),)
+# A folder that vanished or that we may not read between listing and watching is not a folder
+# we meant to watch (the scanner reports unreadable ones); any other failure is a shortfall.
+_NOT_MEANT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ESTALE})
+_ROOT_GONE_MASK = InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_MOVE_SELF | InotifyConstants.IN_UNMOUNT
+
+
+def _check_watchdog() -> None:
+    """Refuse to run on a watchdog whose inotify internals were not read and tested here.
+
+    Overflow (IN_Q_OVERFLOW) never reaches an event handler: watchdog up to 6.x dropped every
+    wd == -1 event in ``read_events`` (watchdog #654); 7.1 passes it to
+    ``InotifyWatchGroup.on_queue_overflow`` only, which re-adds the watches and logs a warning
+    (inotify_c.py:336-348, inotify.py:212-225). And a watch that fails below the root is
+    swallowed (inotify.py:357-372). Both are caught by overriding those private methods, so a
+    new release, even a patch release, must be read again before it is trusted with a NAS's index.
+    """
+    found = (watchdog.version.VERSION_MAJOR, watchdog.version.VERSION_MINOR, watchdog.version.VERSION_BUILD)
+    needed = ("on_queue_overflow", "on_event", "on_watch_deleted", "_add_callback", "_add_all_callbacks")
+    missing = [name for name in needed if not hasattr(InotifyWatchGroup, name)]
+    if found not in CHECKED_WATCHDOG or missing:
+        raise ImportError(
+            f"daemon.inotify was checked against watchdog {CHECKED_WATCHDOG} and found "
+            f"{watchdog.version.VERSION_STRING}{f' without {missing}' if missing else ''}: its inotify internals "
+            "(overflow callback, silent watch failures below the root) must be re-read before use; "
+            "see docs/overflow.md. Install watchdog==7.1.0."
+        )
+
+
+_check_watchdog()
+
+
+# What the emitter reports. Filtering also narrows the inotify mask (inotify.py:542-580): no
+# IN_OPEN / IN_CLOSE_NOWRITE, so the hasher reading every file does not flood the queue.
+EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirAttribEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Trouble:
+    """Why an inotify session cannot go on."""
+
+    kind: EventKind  # WATCH_LIMIT, ROOT_GONE or OBSERVER_DIED
+    errno: int = 0
+    detail: str = ""
+
+
+class Watcher(Protocol):
+    """What an :class:`InotifySession` reports to: its root's supervisor.
+
+    All three are called from watchdog's threads, so none may block.
+    """
+
+    def emit(self, event: WatchEvent) -> None: ...
+
+    def post(self, session: InotifySession, trouble: Trouble) -> None: ...
+
+    def overflowed(self) -> None: ...
+
+
+class InotifySession:
+    """One inotify attempt: an observer, its watch group's counts, and what went wrong first."""
+
+    def __init__(self, watcher: Watcher, paths: RootPaths) -> None:
+        self.watcher = watcher
+        self.paths = paths
+        self.cancelled = threading.Event()
+        self.observer: _Observer | None = None
+        self.group: _WatchGroup | None = None
+        self.root_wd: WatchDescriptor | None = None
+        self.failed: dict[bytes, int] = {}  # folder -> errno, for folders we meant to watch
+
+    @property
+    def watched(self) -> int:
+        group = self.group
+        return len(group.active_paths()) if group is not None else 0
+
+    @property
+    def expected(self) -> int:
+        return self.watched + len(self.failed)
+
+    def start(self) -> None:
+        """Start watchdog's threads and place every watch, in this thread; OSError if the root fails."""
+        self.observer = _Observer(self)
+        # bytes, so names that are not UTF-8 round-trip: watchdog keeps bytes paths when the
+        # watch path is bytes (inotify.py:538-540), despite its str annotation.
+        self.observer.schedule(_Handler(self), cast(str, self.paths.top), recursive=True, event_filter=EVENT_FILTER)
+        self.observer.start()  # places the watches in this thread (api.py:316-323)
+
+    def stop(self) -> None:
+        """Remove the watches and end watchdog's threads (joined, unless called from one of them)."""
+        observer = self.observer
+        if observer is None:
+            return
+        observer.stop()  # stops the emitter (removing its watches) and the inotify reader
+        if observer.ident is not None and observer is not threading.current_thread():
+            observer.join()
+
+    def could_not_watch(self, path: bytes, err: int) -> None:
+        self.failed[path] = err
+        self.watcher.post(self, Trouble(EventKind.WATCH_LIMIT, err))
+
+    def died(self, thread: str, exc: BaseException) -> None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+        detail = f"watchdog's {thread} thread died: {exc!r}{where}"
+        self.watcher.post(self, Trouble(EventKind.OBSERVER_DIED, detail=detail))
+
+
+@dataclass(eq=False)
+class _WatchGroup(InotifyWatchGroup):
+    """watchdog's recursive watch group, counting the folders it meant to watch and did.
+
+    Runs on watchdog's threads: the first activation in ``InotifySession.start``'s thread,
+    later additions (IN_CREATE of a folder, a folder moved in, the rebuild after an overflow)
+    on the InotifyFD reader thread.
+    """
+
+    session: InotifySession | None = field(default=None, kw_only=True)
+
+    def active_paths(self) -> dict[bytes, WatchDescriptor]:
+        return self._active_callbacks_by_path
+
+    def _s(self) -> InotifySession:
+        assert self.session is not None
+        return self.session
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        # watchdog's own (inotify.py:340-355), plus: excluded folders are neither walked nor
+        # watched (a .stversions tree must not use up the watch limit), and a stop() cancels a
+        # long placement instead of waiting for it.
+        s = self._s()
+        rel = s.paths.rel(path)
+        if rel is None or s.paths.excluded(rel):
+            return
+        is_dir = os.path.isdir(path)
+        self._add_callback(path)
+        if not (is_dir and self.is_recursive):
+            return
+        for top, dirnames, _ in os.walk(path, followlinks=False):
+            if s.cancelled.is_set():
+                return
+            kept = []
+            for name in dirnames:
+                full = os.path.join(top, name)
+                sub = s.paths.rel(full)
+                if sub is None or s.paths.excluder(sub) or os.path.islink(full):
+                    continue
+                kept.append(name)
+                self._add_callback(full)
+            dirnames[:] = kept
+
+    def _add_callback(self, path: bytes) -> None:
+        # watchdog's own (inotify.py:357-372) swallows every OSError below the root: an ENOSPC
+        # there leaves that subtree silently unwatched. Same steps, but the failure is counted.
+        s = self._s()
+        try:
+            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+        except OSError as e:
+            if path == self.path:
+                raise
+            if e.errno not in _NOT_MEANT:
+                s.could_not_watch(path, e.errno or 0)
+            return
+        if wd == -1:
+            # InotifyFD._raise_error returns without raising on EACCES (inotify_c.py:521), so
+            # _get_or_create_watch records a watch with wd -1 (inotify_c.py:464-471): undo it.
+            self._inotify_fd.remove_callbacks([(wd, self._id)])
+            if path == self.path:
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return
+        s.failed.pop(path, None)
+        if path == self.path:
+            s.root_wd = wd
+        stale = self._active_callbacks_by_watch.get(wd)
+        if stale is not None and stale != path and self._active_callbacks_by_path.get(stale) == wd:
+            # The same folder (inotify returns its existing wd) seen under a new name, when a
+            # move's IN_MOVED_FROM/IN_MOVED_TO did not pair up (e.g. moved into a folder not
+            # watched yet). watchdog leaves the old name in its path map; a later move of an
+            # ancestor of that old name rewrites it by prefix (inotify.py:322-338) and the
+            # folder's events are then reported under a path that does not exist, forever.
+            # (torture seed 2: `mv A/d/b X/n; mv A X/n/m` put b's events under X/n/m/d/b.)
+            del self._active_callbacks_by_path[stale]
+        self._active_callbacks_by_path[path] = wd
+        self._active_callbacks_by_watch[wd] = path
+
+    def forget(self, path: bytes) -> None:
+        """A folder moved out of the root: drop the watches on it and below.
+
+        watchdog keeps them (inotify.py:238-250, a TODO), so they would hold on to watches
+        and report changes made outside the root under the folder's old path. If a new folder
+        took the old name meanwhile, it is watched afresh.
+        """
+        with self._lock:
+            if not self.is_active:
+                return
+            prefix = path + b"/"
+            wds = [wd for wd, p in self._active_callbacks_by_watch.items() if p == path or p.startswith(prefix)]
+            if wds:
+                self._remove_callbacks(wds)
+            if os.path.isdir(path) and not os.path.islink(path):
+                self._add_all_callbacks(path)
+
+    def on_queue_overflow(self) -> None:
+        # The only place watchdog 7.1 reports IN_Q_OVERFLOW (inotify_c.py:336-348); no event
+        # reaches a handler (watchdog #654 for <= 6.x). Report it, then let watchdog re-add
+        # the watches (counted afresh: a rebuild that falls short is a watch-limit failure).
+        s = self._s()
+        if not self.is_active or s.cancelled.is_set():
+            return
+        s.watcher.overflowed()
+        s.failed.clear()
+        super().on_queue_overflow()
+
+    def on_event(self, event: InotifyEvent) -> None:
+        s = self._s()
+        if self.is_active and event.wd == s.root_wd and event.mask & _ROOT_GONE_MASK:
+            # IN_UNMOUNT and IN_MOVE_SELF are dropped by the emitter (inotify.py:525-536).
+            s.watcher.post(s, Trouble(EventKind.ROOT_GONE, detail=_mask_names(event.mask)))
+        super().on_event(event)
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        s = self._s()
+        if self.is_active and wd == s.root_wd and not s.cancelled.is_set():
+            s.watcher.post(s, Trouble(EventKind.ROOT_GONE, detail="IN_IGNORED"))
+        super().on_watch_deleted(wd)
+
+
+def _mask_names(mask: int) -> str:
+    names = ("IN_DELETE_SELF", "IN_MOVE_SELF", "IN_UNMOUNT")
+    return "|".join(n for n in names if mask & getattr(InotifyConstants, n))
+
+
+class _Emitter(InotifyEmitter):
+    """watchdog's emitter, building our watch group (inotify.py:437-446) and reporting death."""
+
+    def __init__(
+        self, event_queue: EventQueue, watch: ObservedWatch, *, session: InotifySession, **kwargs: Any
+    ) -> None:
+        super().__init__(event_queue, watch, **kwargs)
+        self._session = session
+        self.name = f"treewatch-emitter {os.fsdecode(session.paths.top)}"
+
+    def on_thread_start(self) -> None:
+        mask = Mask(self.get_event_mask_from_filter() | InotifyConstants.IN_MOVE_SELF | InotifyConstants.IN_ONLYDIR)
+        group = _WatchGroup(
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=mask,
+            follow_symlink=False,
+            session=self._session,
+        )
+        self._session.group = group
+        self._inotify = group
+
+    def build_and_queue_event(self, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
+        super().build_and_queue_event(event, full_events=full_events)
+        # An IN_MOVED_FROM still unpaired after the grouper's delay is a move out of the root
+        # (reported as deleted, inotify.py:513-516).
+        if isinstance(event, PathedInotifyEvent) and event.ev.is_moved_from and event.ev.is_directory:
+            group = self._session.group
+            if group is not None:
+                group.forget(event.path)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # reported with its location; the supervisor restarts inotify
+            self._session.died("emitter", e)
+
+
+class _InotifyFD(InotifyFD):
+    """One inotify instance per root (so a per-instance queue limit applies to it alone)."""
+
+    def __init__(self, session: InotifySession) -> None:
+        super().__init__()
+        self._session = session
+        self.name = f"treewatch-inotify {os.fsdecode(session.paths.top)}"
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # reported with its location; the supervisor restarts inotify
+            self._session.died("inotify reader", e)
+
+
+class _Observer(BaseObserver):
+    """``InotifyObserver`` (inotify.py:592-606), which hard-codes watchdog's emitter class."""
+
+    def __init__(self, session: InotifySession) -> None:
+        self._session = session
+        self._inotify_fd = _InotifyFD(session)  # inotify_init: EMFILE at max_user_instances
+        self._inotify_fd.start()
+        super().__init__(_Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd, session=session)
+        self.name = f"treewatch-dispatch {os.fsdecode(session.paths.top)}"
+
+    def on_thread_stop(self) -> None:
+        super().on_thread_stop()
+        self._inotify_fd.stop()
+        self._inotify_fd.join()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # reported with its location; the supervisor restarts inotify
+            self._session.died("dispatcher", e)
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on watchdog's dispatcher thread: map, then hand off to the loop. No I/O."""
+
+    def __init__(self, session: InotifySession) -> None:
+        self._session = session
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        mapped = map_event(event, self._session.paths)
+        if mapped is not None:
+            self._session.watcher.emit(mapped)
