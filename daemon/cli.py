@@ -15,10 +15,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from daemon import __version__, logs
-from daemon.config import Config, ConfigError, load, locate
+from daemon import __version__, logs, tools_cli
+from daemon.commands.shared import (
+    Fail,
+    Parser,
+    absolute,
+    close_opened,
+    human_bytes,
+    load_config,
+    open_index,
+    print_json_lines,
+)
+from daemon.config import Config, ConfigError
+from daemon.model import ExitCode
 
 if TYPE_CHECKING:
     from daemon.config import RootConfig
@@ -26,22 +37,9 @@ if TYPE_CHECKING:
     from daemon.model import ScanScope
     from daemon.scan import ScanReport
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 # A file that keeps changing while it is hashed is tried again this many times by `scan`.
 UNSTABLE_RETRIES = 3
 UNSTABLE_PAUSE_S = 1.0
-
-
-class Fail(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise Fail(message, EXIT_USAGE)
 
 
 def build_parser() -> Parser:
@@ -72,44 +70,13 @@ def build_parser() -> Parser:
     return p
 
 
-def human_bytes(size: int) -> str:
-    from rich.filesize import decimal  # rich.filesize alone: 3 ms, not the 20 ms of rich's console
-
-    return decimal(size)
-
-
-def load_config(args: argparse.Namespace) -> Config:
-    path = locate(args.config, os.environ)
-    config = load(path) if path is not None else Config()
-    return config.with_overrides(args.db, getattr(args, "root", []))
-
-
-# What open_index opened, closed by `main` when the command ends.
-_OPENED: list[Index] = []
-
-
-def open_index(config: Config, *, readonly: bool = False) -> Index:
-    from daemon.index import Index, IndexError_
-
-    try:
-        index = Index(config.database, readonly=readonly)
-    except IndexError_ as e:
-        raise Fail(str(e)) from None
-    _OPENED.append(index)
-    return index
-
-
-def absolute(path: Path) -> bytes:
-    return os.fsencode(os.path.normpath(os.path.abspath(path)))
-
-
 def check_roots(config: Config, index: Index) -> None:
     """A root that does not exist and was never indexed is a typo, not an unmounted disk."""
     if not config.roots:
-        raise Fail(f"{config.source}: no roots: pass --root DIR or add a [[roots]] table", EXIT_CONFIG)
+        raise Fail(f"{config.source}: no roots: pass --root DIR or add a [[roots]] table", ExitCode.CONFIG)
     for root in config.roots:
         if not root.path.exists() and index.root(os.fsencode(root.path), create=False) is None:
-            raise Fail(f"{config.source}: root {root.path} does not exist (and was never indexed)", EXIT_CONFIG)
+            raise Fail(f"{config.source}: root {root.path} does not exist (and was never indexed)", ExitCode.CONFIG)
 
 
 def scopes_for(config: Config, paths: Sequence[Path]) -> dict[RootConfig, list[ScanScope]]:
@@ -127,7 +94,7 @@ def scopes_for(config: Config, paths: Sequence[Path]) -> dict[RootConfig, list[S
                 chosen.setdefault(r, []).append(ScanScope(root, rel, True))
                 break
         else:
-            raise Fail(f"{path}: not inside any root ({', '.join(str(r.path) for r in config.roots)})", EXIT_USAGE)
+            raise Fail(f"{path}: not inside any root ({', '.join(str(r.path) for r in config.roots)})", ExitCode.USAGE)
     return chosen
 
 
@@ -191,16 +158,7 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
         if r.unstable:
             log.warning("files kept changing while hashed", root=where, count=len(r.unstable))
     print(f"treewatch: {summary(reports, time.monotonic() - started)}")
-    return EXIT_OK if all(r.clean for r in reports) else EXIT_FAILURE
-
-
-def print_json_lines(rows: Any) -> None:
-    import json
-
-    out = sys.stdout
-    for row in rows:
-        out.write(json.dumps(row))
-        out.write("\n")
+    return ExitCode.OK if all(r.clean for r in reports) else ExitCode.FAILURE
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -209,7 +167,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         from daemon import metrics
 
         sys.stdout.write(metrics.render(index, config))
-        return EXIT_OK
+        return ExitCode.OK
     from daemon import queries
 
     data = queries.status(index, config)
@@ -217,7 +175,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         import json
 
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     d = data["daemon"]
     print("daemon: not running" if d is None else f"daemon: pid {d['pid']}, {d['state']}: {d['activity']}")
     for r in data["roots"]:
@@ -237,7 +195,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     c = data["counters"]
     scans = ", ".join(f"{n} {k}" for k, n in c["scans"].items())
     print(f"hashed {c['files_hashed']} files, {human_bytes(c['bytes_hashed'])}; scans: {scans}; seq {data['seq']}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
@@ -252,16 +210,16 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
         target = absolute(args.path)
         root = next((r for r in roots if is_within(target, r) or r == b"/"), None)
         if root is None:
-            raise Fail(f"{args.path}: not inside any indexed root", EXIT_USAGE)
+            raise Fail(f"{args.path}: not inside any indexed root", ExitCode.USAGE)
         targets = [(root, target[len(root) :].lstrip(b"/"))]
     rows = queries.listing(index, targets)
     if args.json:
         print_json_lines(rows)
-        return EXIT_OK
+        return ExitCode.OK
     for row in rows:
         digest = (row["blake3"] or "-")[:16]
         print(f"{row['kind']:<7} {row['size']:>12} {digest:<16} {row['path']}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_changes(args: argparse.Namespace, config: Config) -> int:
@@ -271,17 +229,17 @@ def cmd_changes(args: argparse.Namespace, config: Config) -> int:
     rows = queries.changes(index, args.since)
     if args.json:
         print_json_lines(rows)
-        return EXIT_OK
+        return ExitCode.OK
     for row in rows:
         old = f" (from {row['old_path']})" if row["old_path"] else ""
         print(f"{row['seq']:>8} {row['op']:<8} {row['path']}{old}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     roots = ", ".join(str(r.path) for r in config.roots)
     print(f"{config.source}: ok; database {config.database}; roots: {roots or 'none'}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
@@ -302,9 +260,6 @@ COMMANDS: dict[str, Any] = {
     "check-config": cmd_check_config,
 }
 
-# The library tools (issue 6) live in their own module, which imports this one's helpers.
-from daemon import tools_cli  # noqa: E402
-
 COMMANDS.update(tools_cli.COMMANDS)
 
 
@@ -317,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except ConfigError as e:
         print(f"treewatch: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except Fail as e:
         print(f"treewatch: {e}", file=sys.stderr)
         return e.code
@@ -325,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `treewatch ls | head`: the reader left; not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        return ExitCode.OK
     except KeyboardInterrupt:
         return 130
     finally:
@@ -333,6 +288,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # every object the imports made (~6 ms, a tenth of a `scan` of a small tree); frozen,
         # they are skipped. Close the indexes first: a connection left in a reference cycle
         # would only have been closed (and its WAL checkpointed) by those collections.
-        while _OPENED:
-            _OPENED.pop().close()
+        close_opened()
         gc.freeze()

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import dupes
-from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Fail, absolute, human_bytes, open_index
+from daemon.commands.shared import Fail, absolute, human_bytes, open_index
 from daemon.config import Config
+from daemon.model import ExitCode
 
 if TYPE_CHECKING:
     import threading
@@ -76,7 +77,7 @@ def scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
     for r in roots:
         if is_within(target, r.path) or r.path == b"/":
             return [(r, target[len(r.path) :].lstrip(b"/"))]
-    raise Fail(f"{path}: not inside any indexed root", EXIT_USAGE)
+    raise Fail(f"{path}: not inside any indexed root", ExitCode.USAGE)
 
 
 @contextlib.contextmanager
@@ -114,7 +115,7 @@ def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
             for g in report.groups
         ]  # fmt: skip
         print(json.dumps({"groups": groups, "reclaimable_bytes": report.reclaimable}))
-        return EXIT_OK
+        return ExitCode.OK
     out = sys.stdout
     for g in report.groups:
         out.write(f"{len(g.copies)} copies of {human_bytes(g.size)}, {human_bytes(g.wasted)} wasted"
@@ -125,7 +126,7 @@ def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
                 out.write(f"    = {os.fsdecode(link)} (hard link)\n")
     n = len(report.groups)
     print(f"treewatch: {n} duplicate group{'s' if n != 1 else ''}, {human_bytes(report.reclaimable)} reclaimable")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _finding(f: verify.Finding) -> dict[str, Any]:
@@ -140,12 +141,12 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     index = open_index(config)
     if args.accept is not None:
         if args.path is not None:
-            raise Fail("give either PATH (to verify) or --accept PATH, not both", EXIT_USAGE)
+            raise Fail("give either PATH (to verify) or --accept PATH, not both", ExitCode.USAGE)
         return _accept(args, index)
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         rate = args.max_rate * MB if args.max_rate else None
         report = verify.verify(index, scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
-    code = EXIT_FAILURE if report.corrupt or report.errors or report.interrupted else EXIT_OK
+    code = ExitCode.FAILURE if report.corrupt or report.errors or report.interrupted else ExitCode.OK
     if args.json:
         import json
 
@@ -194,10 +195,10 @@ def _accept(args: argparse.Namespace, index: Index) -> int:
         print(json.dumps({"accepted": [
             {"path": os.fsdecode(a.path), "old_blake3": a.old_blake3.hex(), "new_blake3": a.new_blake3.hex(),
              "seq": a.seq} for a in accepted]}))  # fmt: skip
-        return EXIT_OK
+        return ExitCode.OK
     for a in accepted:
         print(f"accepted {os.fsdecode(a.path)}: blake3 {a.new_blake3.hex()} (was {a.old_blake3.hex()}), seq {a.seq}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
@@ -208,7 +209,7 @@ def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
     started = time.monotonic()
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         report = rebuild.rebuild(index, config.sync.batch_size, stop, progress, workers=config.sync.hash_workers)
-    code = EXIT_FAILURE if report.errors or report.corrupt or report.interrupted else EXIT_OK
+    code = ExitCode.FAILURE if report.errors or report.corrupt or report.interrupted else ExitCode.OK
     if args.json:
         import json
 
