@@ -21,12 +21,13 @@ from daemon import __version__, logs, tools_cli
 from daemon.commands.shared import (
     Fail,
     Parser,
-    absolute,
     close_opened,
     human_bytes,
+    indexed_scopes,
     load_config,
     open_index,
     print_json_lines,
+    split_at_root,
 )
 from daemon.config import Config, ConfigError
 from daemon.model import ExitCode
@@ -80,21 +81,18 @@ def check_roots(config: Config, index: Index) -> None:
 
 
 def scopes_for(config: Config, paths: Sequence[Path]) -> dict[RootConfig, list[ScanScope]]:
-    from daemon.model import ScanScope, is_within
+    from daemon.model import ScanScope
 
     if not paths:
         return {r: [ScanScope(os.fsencode(r.path))] for r in config.roots}
+    by_path = {os.fsencode(r.path): r for r in config.roots}
     chosen: dict[RootConfig, list[ScanScope]] = {}
     for path in paths:
-        target = absolute(path)
-        for r in config.roots:
-            root = os.fsencode(r.path)
-            if is_within(target, root) or root == b"/":
-                rel = target[len(root) :].lstrip(b"/")
-                chosen.setdefault(r, []).append(ScanScope(root, rel, True))
-                break
-        else:
+        found = split_at_root(path, by_path)
+        if found is None:
             raise Fail(f"{path}: not inside any root ({', '.join(str(r.path) for r in config.roots)})", ExitCode.USAGE)
+        root, rel = found
+        chosen.setdefault(root, []).append(ScanScope(os.fsencode(root.path), rel, True))
     return chosen
 
 
@@ -200,18 +198,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     from daemon import queries
-    from daemon.model import is_within
 
     index = open_index(config, readonly=True)
-    roots = [r.path for r in index.roots()]
-    if args.path is None:
-        targets = [(r, b"") for r in roots]
-    else:
-        target = absolute(args.path)
-        root = next((r for r in roots if is_within(target, r) or r == b"/"), None)
-        if root is None:
-            raise Fail(f"{args.path}: not inside any indexed root", ExitCode.USAGE)
-        targets = [(root, target[len(root) :].lstrip(b"/"))]
+    targets = [(root.path, rel) for root, rel in indexed_scopes(index, args.path)]
     rows = queries.listing(index, targets)
     if args.json:
         print_json_lines(rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import dupes
-from daemon.commands.shared import Fail, absolute, human_bytes, open_index
+from daemon.commands.shared import Fail, human_bytes, indexed_scopes, open_index
 from daemon.config import Config
 from daemon.model import ExitCode
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import threading
 
     from daemon import verify
-    from daemon.index import Index, RootRow
+    from daemon.index import Index
 
 MB = 1_000_000  # --max-rate is in MB/s, decimal like the progress display
 
@@ -66,20 +66,6 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--json", action="store_true")
 
 
-def scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
-    """(root, relative path) for PATH, or every indexed root."""
-    from daemon.model import is_within
-
-    roots = index.roots()
-    if path is None:
-        return [(r, b"") for r in roots]
-    target = absolute(path)
-    for r in roots:
-        if is_within(target, r.path) or r.path == b"/":
-            return [(r, target[len(r.path) :].lstrip(b"/"))]
-    raise Fail(f"{path}: not inside any indexed root", ExitCode.USAGE)
-
-
 @contextlib.contextmanager
 def stopping() -> Iterator[threading.Event]:
     """SIGINT and SIGTERM stop the work at the next file, so its progress is saved."""
@@ -103,7 +89,7 @@ def _when(ns: int) -> str:
 
 def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
     index = open_index(config, readonly=True)
-    chosen = [] if args.path is None else [(r.id, rel) for r, rel in scopes(index, args.path)]
+    chosen = [] if args.path is None else [(r.id, rel) for r, rel in indexed_scopes(index, args.path)]
     report = dupes.find(index, args.min_size, chosen)
     if args.json:
         import json
@@ -145,7 +131,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
         return _accept(args, index)
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         rate = args.max_rate * MB if args.max_rate else None
-        report = verify.verify(index, scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
+        report = verify.verify(index, indexed_scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
     code = ExitCode.FAILURE if report.corrupt or report.errors or report.interrupted else ExitCode.OK
     if args.json:
         import json
@@ -184,7 +170,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 def _accept(args: argparse.Namespace, index: Index) -> int:
     from daemon import verify
 
-    chosen = scopes(index, args.accept)
+    chosen = indexed_scopes(index, args.accept)
     try:
         accepted = [a for root, rel in chosen for a in verify.accept(index, root, rel)]
     except verify.VerifyError as e:

@@ -1,4 +1,4 @@
-"""What the commands share: exit codes, failures, the index they open, paths, output.
+"""What the commands share: failures and their exit codes, the index they open, paths to roots, output.
 
 Imported by the dispatcher and by every command module, and imports none of them. Every
 command pays for its imports: SQLite, json and rich are imported by the functions that use them.
@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from daemon.config import Config, load, locate
-from daemon.model import ExitCode
+from daemon.model import ExitCode, is_within
 
 if TYPE_CHECKING:
-    from daemon.index import Index
+    from daemon.index import Index, RootRow
+
+# Whatever a caller calls a root: its configuration, its row in the index.
+Root = TypeVar("Root")
 
 
 class Fail(Exception):
@@ -60,8 +63,24 @@ def close_opened() -> None:
         _OPENED.pop().close()
 
 
-def absolute(path: Path) -> bytes:
-    return os.fsencode(os.path.normpath(os.path.abspath(path)))
+def split_at_root(path: Path, roots: Mapping[bytes, Root]) -> tuple[Root, bytes] | None:
+    """The first of ``roots`` (absolute path -> root) that holds PATH, and PATH relative to it."""
+    target = os.fsencode(os.path.normpath(os.path.abspath(path)))
+    for root_path, root in roots.items():
+        if is_within(target, root_path) or root_path == b"/":
+            return root, target[len(root_path) :].lstrip(b"/")
+    return None
+
+
+def indexed_scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
+    """(root, relative path) for PATH, or every indexed root."""
+    roots = index.roots()
+    if path is None:
+        return [(r, b"") for r in roots]
+    found = split_at_root(path, {r.path: r for r in roots})
+    if found is None:
+        raise Fail(f"{path}: not inside any indexed root", ExitCode.USAGE)
+    return [found]
 
 
 def human_bytes(size: int) -> str:
