@@ -17,7 +17,13 @@ from daemon.config import Config, load, locate
 from daemon.model import ExitCode, is_within
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
+
     from daemon.index import Index, RootRow
+
+    # What a subcommand runs: its parser's `handler` default, called by `cli.main`.
+    Handler: TypeAlias = Callable[[argparse.Namespace, Config], int]
 
 # Whatever a caller calls a root: its configuration, its row in the index.
 Root = TypeVar("Root")
@@ -35,6 +41,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         raise Fail(message, ExitCode.USAGE)
+
+
+if TYPE_CHECKING:
+    # What a command module's `register` adds its subcommands to.
+    Subcommands: TypeAlias = argparse._SubParsersAction[Parser]
 
 
 def load_config(args: argparse.Namespace) -> Config:

@@ -1,8 +1,7 @@
 """The library tools' commands (`dupes`, `verify`, `rebuild`): parse, call, render. No logic.
 
-Registered into cli.py's parser and command table; the work is in dupes.py, verify.py and
-rebuild.py. Like cli.py, this module is imported by every command: a command imports what it
-uses itself.
+The work is in dupes.py, verify.py and rebuild.py. daemon.dupes is imported here for its
+default (it imports no SQLite); the others by the command that uses them.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     import threading
 
     from daemon import verify
+    from daemon.commands.shared import Subcommands
     from daemon.index import Index
 
 MB = 1_000_000  # --max-rate is in MB/s, decimal like the progress display
@@ -50,20 +50,23 @@ def _size(text: str) -> int:
     return value
 
 
-def add_parsers(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     d = sub.add_parser("dupes", help="groups of files with the same content (hard links count once)")
     d.add_argument("path", nargs="?", type=Path, metavar="PATH", help="only what lies under PATH")
     d.add_argument("--min-size", type=_size, default=dupes.DEFAULT_MIN_SIZE, metavar="BYTES",
                    help=f"ignore files smaller than this (default {dupes.DEFAULT_MIN_SIZE})")  # fmt: skip
     d.add_argument("--json", action="store_true")
+    d.set_defaults(handler=cmd_dupes)
     v = sub.add_parser("verify", help="re-hash unchanged files and report silent corruption (exit 1 when found)")
     v.add_argument("path", nargs="?", type=Path, metavar="PATH", help="only what lies under PATH")
     v.add_argument("--max-rate", type=_positive_number, metavar="MB/s", help="read at most this many MB per second")
     v.add_argument("--json", action="store_true")
     v.add_argument("--accept", type=Path, metavar="PATH",
                    help="accept the current content of the corrupt-marked file(s) at or below PATH")  # fmt: skip
+    v.set_defaults(handler=cmd_verify)
     r = sub.add_parser("rebuild", help="re-derive what an upgrade changed (a new hash scheme), resumable")
     r.add_argument("--json", action="store_true")
+    r.set_defaults(handler=cmd_rebuild)
 
 
 @contextlib.contextmanager
@@ -219,6 +222,3 @@ def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
         parts.append("interrupted: run it again to continue")
     print(f"treewatch: {'; '.join(parts)}")
     return code
-
-
-COMMANDS: dict[str, Any] = {"dupes": cmd_dupes, "verify": cmd_verify, "rebuild": cmd_rebuild}
