@@ -1,3 +1,5 @@
+"""`python -m daemon`: the same command line as the `treewatch` script."""
+
 import sys
 
 from daemon.cli import main

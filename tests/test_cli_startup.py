@@ -53,6 +53,9 @@ def indexed_db(library: Path, db: Path) -> Path:
         (["ls"], ["daemon.scan", "daemon.rebuild", "daemon.hasher"]),
         (["changes", "--since", "0"], ["daemon.scan", "daemon.rebuild", "daemon.hasher"]),
         (["check-config"], ["daemon.index", "sqlite3"]),
+        (["dupes"], ["daemon.scan", "daemon.hasher", "daemon.verify", "daemon.rebuild", "daemon.queries"]),
+        (["verify"], ["daemon.rebuild", "daemon.queries", "daemon.metrics"]),
+        (["rebuild"], ["daemon.verify", "daemon.queries", "daemon.metrics"]),
     ],
 )
 def test_cli_commands_import_only_what_they_use(
@@ -74,3 +77,27 @@ def test_cli_scan_that_logs_configures_logging_then(indexed_db: Path, library: P
     assert "structlog" in imported
     line = next(x for x in result.stderr.splitlines() if "offline" in x)
     assert line.startswith("timestamp=") and "level='error' event='root is offline: nothing was deleted'" in line
+
+
+# What building the parser may import of the package: the command modules register their
+# parsers, so anything more they import at module level every command pays for.
+PARSER_MODULES = {"daemon", "daemon.cli", "daemon.config", "daemon.logs", "daemon.model", "daemon.dupes"}
+
+
+def test_cli_parser_imports_no_command_work() -> None:
+    """`dupes` is there for its default; the work of every command is imported by its handler."""
+    program = (
+        "import sys\n"
+        "from daemon.cli import build_parser\n"
+        "build_parser()\n"
+        "print(' '.join(sorted(m for m in sys.modules if m == 'daemon' or m.startswith('daemon.'))))\n"
+        "print(' '.join(m for m in sys.argv[1:] if m in sys.modules))\n"
+    )
+    heavy = [*DAEMON_ONLY, "rich", "sqlite3", "json", "concurrent.futures", "threading"]
+    result = subprocess.run([sys.executable, "-c", program, *heavy], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    package, imported = result.stdout.splitlines()
+    commands = {m for m in package.split() if m.startswith("daemon.commands")}
+    assert "daemon.commands.shared" in commands
+    assert set(package.split()) - commands == PARSER_MODULES
+    assert imported == ""

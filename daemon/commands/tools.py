@@ -1,8 +1,7 @@
 """The library tools' commands (`dupes`, `verify`, `rebuild`): parse, call, render. No logic.
 
-Registered into cli.py's parser and command table; the work is in dupes.py, verify.py and
-rebuild.py. Like cli.py, this module is imported by every command: a command imports what it
-uses itself.
+The work is in dupes.py, verify.py and rebuild.py. daemon.dupes is imported here for its
+default (it imports no SQLite); the others by the command that uses them.
 """
 
 from __future__ import annotations
@@ -17,14 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import dupes
-from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Fail, absolute, human_bytes, open_index
+from daemon.commands.shared import Fail, human_bytes, indexed_scopes, open_index
 from daemon.config import Config
+from daemon.model import ExitCode
 
 if TYPE_CHECKING:
     import threading
 
     from daemon import verify
-    from daemon.index import Index, RootRow
+    from daemon.commands.shared import Subcommands
+    from daemon.index import Index
 
 MB = 1_000_000  # --max-rate is in MB/s, decimal like the progress display
 
@@ -49,34 +50,23 @@ def _size(text: str) -> int:
     return value
 
 
-def add_parsers(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     d = sub.add_parser("dupes", help="groups of files with the same content (hard links count once)")
     d.add_argument("path", nargs="?", type=Path, metavar="PATH", help="only what lies under PATH")
     d.add_argument("--min-size", type=_size, default=dupes.DEFAULT_MIN_SIZE, metavar="BYTES",
                    help=f"ignore files smaller than this (default {dupes.DEFAULT_MIN_SIZE})")  # fmt: skip
     d.add_argument("--json", action="store_true")
+    d.set_defaults(handler=cmd_dupes)
     v = sub.add_parser("verify", help="re-hash unchanged files and report silent corruption (exit 1 when found)")
     v.add_argument("path", nargs="?", type=Path, metavar="PATH", help="only what lies under PATH")
     v.add_argument("--max-rate", type=_positive_number, metavar="MB/s", help="read at most this many MB per second")
     v.add_argument("--json", action="store_true")
     v.add_argument("--accept", type=Path, metavar="PATH",
                    help="accept the current content of the corrupt-marked file(s) at or below PATH")  # fmt: skip
+    v.set_defaults(handler=cmd_verify)
     r = sub.add_parser("rebuild", help="re-derive what an upgrade changed (a new hash scheme), resumable")
     r.add_argument("--json", action="store_true")
-
-
-def scopes(index: Index, path: Path | None) -> list[tuple[RootRow, bytes]]:
-    """(root, relative path) for PATH, or every indexed root."""
-    from daemon.model import is_within
-
-    roots = index.roots()
-    if path is None:
-        return [(r, b"") for r in roots]
-    target = absolute(path)
-    for r in roots:
-        if is_within(target, r.path) or r.path == b"/":
-            return [(r, target[len(r.path) :].lstrip(b"/"))]
-    raise Fail(f"{path}: not inside any indexed root", EXIT_USAGE)
+    r.set_defaults(handler=cmd_rebuild)
 
 
 @contextlib.contextmanager
@@ -102,7 +92,7 @@ def _when(ns: int) -> str:
 
 def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
     index = open_index(config, readonly=True)
-    chosen = [] if args.path is None else [(r.id, rel) for r, rel in scopes(index, args.path)]
+    chosen = [] if args.path is None else [(r.id, rel) for r, rel in indexed_scopes(index, args.path)]
     report = dupes.find(index, args.min_size, chosen)
     if args.json:
         import json
@@ -114,7 +104,7 @@ def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
             for g in report.groups
         ]  # fmt: skip
         print(json.dumps({"groups": groups, "reclaimable_bytes": report.reclaimable}))
-        return EXIT_OK
+        return ExitCode.OK
     out = sys.stdout
     for g in report.groups:
         out.write(f"{len(g.copies)} copies of {human_bytes(g.size)}, {human_bytes(g.wasted)} wasted"
@@ -125,7 +115,7 @@ def cmd_dupes(args: argparse.Namespace, config: Config) -> int:
                 out.write(f"    = {os.fsdecode(link)} (hard link)\n")
     n = len(report.groups)
     print(f"treewatch: {n} duplicate group{'s' if n != 1 else ''}, {human_bytes(report.reclaimable)} reclaimable")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _finding(f: verify.Finding) -> dict[str, Any]:
@@ -140,12 +130,12 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     index = open_index(config)
     if args.accept is not None:
         if args.path is not None:
-            raise Fail("give either PATH (to verify) or --accept PATH, not both", EXIT_USAGE)
+            raise Fail("give either PATH (to verify) or --accept PATH, not both", ExitCode.USAGE)
         return _accept(args, index)
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         rate = args.max_rate * MB if args.max_rate else None
-        report = verify.verify(index, scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
-    code = EXIT_FAILURE if report.corrupt or report.errors or report.interrupted else EXIT_OK
+        report = verify.verify(index, indexed_scopes(index, args.path), max_rate=rate, progress=progress, stop=stop)
+    code = ExitCode.FAILURE if report.corrupt or report.errors or report.interrupted else ExitCode.OK
     if args.json:
         import json
 
@@ -183,7 +173,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 def _accept(args: argparse.Namespace, index: Index) -> int:
     from daemon import verify
 
-    chosen = scopes(index, args.accept)
+    chosen = indexed_scopes(index, args.accept)
     try:
         accepted = [a for root, rel in chosen for a in verify.accept(index, root, rel)]
     except verify.VerifyError as e:
@@ -194,10 +184,10 @@ def _accept(args: argparse.Namespace, index: Index) -> int:
         print(json.dumps({"accepted": [
             {"path": os.fsdecode(a.path), "old_blake3": a.old_blake3.hex(), "new_blake3": a.new_blake3.hex(),
              "seq": a.seq} for a in accepted]}))  # fmt: skip
-        return EXIT_OK
+        return ExitCode.OK
     for a in accepted:
         print(f"accepted {os.fsdecode(a.path)}: blake3 {a.new_blake3.hex()} (was {a.old_blake3.hex()}), seq {a.seq}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
@@ -208,7 +198,7 @@ def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
     started = time.monotonic()
     with stopping() as stop, ScanProgress(enabled=sys.stderr.isatty() and not args.json) as progress:
         report = rebuild.rebuild(index, config.sync.batch_size, stop, progress, workers=config.sync.hash_workers)
-    code = EXIT_FAILURE if report.errors or report.corrupt or report.interrupted else EXIT_OK
+    code = ExitCode.FAILURE if report.errors or report.corrupt or report.interrupted else ExitCode.OK
     if args.json:
         import json
 
@@ -232,6 +222,3 @@ def cmd_rebuild(args: argparse.Namespace, config: Config) -> int:
         parts.append("interrupted: run it again to continue")
     print(f"treewatch: {'; '.join(parts)}")
     return code
-
-
-COMMANDS: dict[str, Any] = {"dupes": cmd_dupes, "verify": cmd_verify, "rebuild": cmd_rebuild}

@@ -1,0 +1,106 @@
+"""`status`, `ls`, `changes`, `check-config`: what the index and the configuration say, as text or JSON.
+
+Read-only. The queries are in queries.py and metrics.py; rendering them is all that is done here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.commands.shared import human_bytes, indexed_scopes, open_index, print_json_lines
+from daemon.config import Config
+from daemon.model import ExitCode
+
+if TYPE_CHECKING:
+    from daemon.commands.shared import Subcommands
+
+
+def register(sub: Subcommands) -> None:
+    st = sub.add_parser("status", help="roots, daemon activity and counters")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
+    st.set_defaults(handler=cmd_status)
+    ls = sub.add_parser("ls", help="indexed entries")
+    ls.add_argument("path", nargs="?", type=Path, metavar="PATH")
+    ls.add_argument("--json", action="store_true", help="JSON lines")
+    ls.set_defaults(handler=cmd_ls)
+    ch = sub.add_parser("changes", help="the change feed")
+    ch.add_argument("--since", type=int, required=True, metavar="SEQ")
+    ch.add_argument("--json", action="store_true", help="JSON lines")
+    ch.set_defaults(handler=cmd_changes)
+    sub.add_parser("check-config", help="validate the configuration and exit").set_defaults(handler=cmd_check_config)
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    index = open_index(config, readonly=True)
+    if args.prometheus:
+        from daemon import metrics
+
+        sys.stdout.write(metrics.render(index, config))
+        return ExitCode.OK
+    from daemon import queries
+
+    data = queries.status(index, config)
+    if args.json:
+        import json
+
+        print(json.dumps(data, indent=2))
+        return ExitCode.OK
+    d = data["daemon"]
+    print("daemon: not running" if d is None else f"daemon: pid {d['pid']}, {d['state']}: {d['activity']}")
+    for r in data["roots"]:
+        line = f"{r['path']}: {r['state']}"
+        if r["offline_reason"]:
+            line += f" ({r['offline_reason']})"
+        line += f", {r['files']} files, {r['dirs']} folders, {human_bytes(r['bytes'])}"
+        line += f", last full sync {r['last_full_sync'] or 'never'}, {r['pending']} pending, {r['overflows']} overflows"
+        if r["corrupt"]:
+            line += f", {r['corrupt']} corrupt (see `treewatch verify`)"
+        print(line)
+        if r["scan"]:
+            s = r["scan"]
+            print(f"  scanning ({s['kind']}, {s['step']}): {s['files_done']}/{s['files_queued']} files")
+        for e in r["errors"][:10]:
+            print(f"  error: {e['path']}: {e['error']}")
+    c = data["counters"]
+    scans = ", ".join(f"{n} {k}" for k, n in c["scans"].items())
+    print(f"hashed {c['files_hashed']} files, {human_bytes(c['bytes_hashed'])}; scans: {scans}; seq {data['seq']}")
+    return ExitCode.OK
+
+
+def cmd_ls(args: argparse.Namespace, config: Config) -> int:
+    from daemon import queries
+
+    index = open_index(config, readonly=True)
+    targets = [(root.path, rel) for root, rel in indexed_scopes(index, args.path)]
+    rows = queries.listing(index, targets)
+    if args.json:
+        print_json_lines(rows)
+        return ExitCode.OK
+    for row in rows:
+        digest = (row["blake3"] or "-")[:16]
+        print(f"{row['kind']:<7} {row['size']:>12} {digest:<16} {row['path']}")
+    return ExitCode.OK
+
+
+def cmd_changes(args: argparse.Namespace, config: Config) -> int:
+    from daemon import queries
+
+    index = open_index(config, readonly=True)
+    rows = queries.changes(index, args.since)
+    if args.json:
+        print_json_lines(rows)
+        return ExitCode.OK
+    for row in rows:
+        old = f" (from {row['old_path']})" if row["old_path"] else ""
+        print(f"{row['seq']:>8} {row['op']:<8} {row['path']}{old}")
+    return ExitCode.OK
+
+
+def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    roots = ", ".join(str(r.path) for r in config.roots)
+    print(f"{config.source}: ok; database {config.database}; roots: {roots or 'none'}")
+    return ExitCode.OK
