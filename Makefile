@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := libsystemd-dev pkg-config python3-dev python3-venv gcc rsync b3sum git tar attr
+DEBS := libsystemd-dev pkg-config python3-dev python3-venv gcc rsync b3sum git tar attr libimage-exiftool-perl
 DEMO ?= demo
 TW_DEMO = $(BIN)/treewatch --config $(DEMO)/config.toml
 SEED ?= 1
@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint bench torture deps clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \

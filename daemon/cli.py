@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import __version__, logs
-from daemon.commands import query, sync, tools
+from daemon.commands import feed, query, sync, tools
 from daemon.commands.shared import Fail, Parser, close_opened, load_config
 from daemon.config import ConfigError
 from daemon.model import ExitCode
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # Each adds its subcommands and their handlers; `treewatch --help` lists them in this order.
 REGISTER: tuple[Callable[[Subcommands], None], ...] = (
     sync.register,  # run, scan
-    query.register,  # status, ls, changes, check-config
+    query.register,  # status, ls, check-config
+    feed.register,  # changes, snapshot
     tools.register,  # dupes, verify, rebuild
 )
 

@@ -55,6 +55,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedConfig:
+    """How long the change feed keeps what it said (docs/feed.md, "Retention")."""
+
+    retention_s: float = 30 * 86400.0  # rows older than this are pruned; 0 keeps everything
+    max_rows: int = 0  # at most this many rows, the oldest going first; 0: no cap
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: Path = DEFAULT_DATABASE
     roots: tuple[RootConfig, ...] = ()
@@ -62,6 +70,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
     source: str = "(defaults)"  # where it was read from, for messages
 
     def with_overrides(self, database: Path | None, roots: Sequence[Path]) -> Config:
@@ -131,7 +140,7 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 def parse(doc: Mapping[str, Any], source: str) -> Config:
     """Build a Config from a parsed TOML document; every problem names its key and file."""
-    _no_unknown(doc, {"database", "roots", "watch", "sync", "log", "metrics"}, source)
+    _no_unknown(doc, {"database", "roots", "watch", "sync", "log", "metrics", "feed"}, source)
     database = Path(_typed(doc, "database", str, source, str(DEFAULT_DATABASE)))
     if not database.is_absolute():
         raise ConfigError(f"{source}: database: {str(database)!r} is not an absolute path")
@@ -196,6 +205,7 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(f"{where}.level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
 
     metrics = _metrics(_section(doc, "metrics", source), f"{source}: metrics")
+    feed = _feed(_section(doc, "feed", source), f"{source}: feed")
     return Config(
         database=database,
         roots=tuple(roots),
@@ -203,6 +213,7 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
         sync=sync,
         log=LogConfig(level),
         metrics=metrics,
+        feed=feed,
         source=source,
     )
 
@@ -215,6 +226,18 @@ def _metrics(table: Mapping[str, Any], where: str) -> MetricsConfig:
     interval_s = _typed(table, "interval_s", float, where, MetricsConfig().interval_s)
     _positive(interval_s, f"{where}.interval_s")
     return MetricsConfig(textfile=Path(raw) if raw is not None else None, interval_s=interval_s)
+
+
+def _feed(table: Mapping[str, Any], where: str) -> FeedConfig:
+    _no_unknown(table, {f.name for f in dataclasses.fields(FeedConfig)}, where)
+    default = FeedConfig()
+    feed = FeedConfig(
+        retention_s=_typed(table, "retention_s", float, where, default.retention_s),
+        max_rows=_typed(table, "max_rows", int, where, default.max_rows),
+    )
+    _positive(feed.retention_s, f"{where}.retention_s", allow_zero=True)
+    _positive(feed.max_rows, f"{where}.max_rows", allow_zero=True)
+    return feed
 
 
 def load(path: Path) -> Config:

@@ -290,6 +290,14 @@ class Index:
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return int(row[0]) if row else 0
 
+    def feed_state(self) -> tuple[str, int, int]:
+        """(epoch, the oldest seq still held, the last seq), read in one statement."""
+        row = self.db.execute(
+            "SELECT epoch, pruned_through + 1,"
+            " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0) FROM feed"
+        ).fetchone()
+        return str(row[0]), int(row[1]), int(row[2])
+
     # --- errors, counters, scans in progress, the daemon ------------------------------------
 
     def errors(self, root_id: int, limit: int = 100) -> list[tuple[bytes, str]]:

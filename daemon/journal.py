@@ -162,6 +162,12 @@ class ScanJournal:
         by a's and c arrives as a new entry: b's identity and feed history are lost and c
         is hashed again.
 
+        A displaced entry whose name was taken again by a *new* entry of the same kind — one
+        that is not itself arriving by a rename — keeps its name (docs/feed.md, "Save
+        patterns"): `exiftool` renames IMG.jpg to IMG.jpg_original and writes the edited photo
+        as IMG.jpg; an editor keeps `file~`. The person edited IMG.jpg, and a consumer keyed on
+        its entry (albums, tags) must see it `modified`, and the backup `added`.
+
         A queued path whose own row already holds that inode is not a rename's arrival, only
         re-checked (racily clean, or its content changed): when one name of a hard-linked
         file is deleted, the other keeps its identity instead of taking the deleted one's.
@@ -170,8 +176,9 @@ class ScanJournal:
         # to their entry, to the queue by (scan_id, inode). Left to itself, the planner put
         # the whole queue outside and scanned the queue again inside it: quadratic, minutes
         # for a first index of 20k files. Ties on the new path go to the lowest entry id.
+        # The last two columns are, for a displaced entry, what now holds its name.
         rows = self.db.execute(
-            """SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
+            """SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns, NULL, NULL
                FROM scan_gone g CROSS JOIN entries e ON e.id = g.entry_id
                CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
                     ON q.scan_id = g.scan_id AND q.inode = e.inode AND q.dev = e.dev
@@ -179,7 +186,7 @@ class ScanJournal:
                WHERE g.scan_id = :s AND q.reason != 'metadata' AND NOT EXISTS (
                     SELECT 1 FROM entries cur WHERE cur.id = q.entry_id AND cur.inode = q.inode AND cur.dev = q.dev)
                UNION ALL
-               SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns
+               SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns, c.path, c.kind
                FROM scan_queue c CROSS JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
                CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
                     ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev
@@ -191,15 +198,25 @@ class ScanJournal:
         ).fetchall()
         taken_new: set[bytes] = set()
         taken_old: set[int] = set()
-        pairs = []
-        for new_path, old_id, old_path, kind, old_size, old_mtime, size, mtime in rows:
+        # new path -> (gone entry id, its old path, what holds that old path now if displaced)
+        chosen: dict[bytes, tuple[int, bytes, bytes | None]] = {}
+        for new_path, old_id, old_path, kind, old_size, old_mtime, size, mtime, holder, holder_kind in rows:
             if new_path in taken_new or old_id in taken_old:
                 continue  # hard links: one inode, several names; the first pair wins
             if kind == Kind.FILE.value and (old_size, old_mtime) != (size, mtime):
                 continue
             taken_new.add(new_path)
             taken_old.add(old_id)
-            pairs.append((new_path, old_id, old_path))
+            chosen[new_path] = (old_id, old_path, holder if holder_kind == kind else None)
+        # A name taken by an entry that is not arriving by rename stays with its entry. Dropping
+        # one pair can make another name's holder new too (its own source kept its name), so
+        # until nothing changes.
+        while True:
+            kept = {n: c for n, c in chosen.items() if c[2] is None or c[2] in chosen}
+            if len(kept) == len(chosen):
+                break
+            chosen = kept
+        pairs = [(new_path, old_id, old_path) for new_path, (old_id, old_path, _) in sorted(chosen.items())]
         with self.index.transaction():
             self.db.executemany(
                 "UPDATE scan_queue SET renamed_from = ? WHERE scan_id = ? AND path = ?",

@@ -34,6 +34,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1
     USAGE = 2
+    RESET = 3  # a feed cursor that means nothing here any more: take a snapshot (docs/feed.md)
     CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus=78 does not restart a bad config
 
 

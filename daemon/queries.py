@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.index import Index
-from daemon.model import Entry, RootState, join
+from daemon.model import Entry, Kind, Op, RootState, join
 
 # `ls` and `changes` use this module too: what only `status` needs (the daemon's lock, the
 # rebuild's state, and with them the hasher) is imported by the functions that use it.
@@ -78,6 +78,8 @@ def status(index: Index, config: Config) -> dict[str, Any]:
             }
         )
     c = index.counters()
+    epoch, oldest_seq, seq = index.feed_state()
+    feed = {"epoch": epoch, "oldest_seq": oldest_seq, "seq": seq}
     return {
         "daemon": daemon_info(index),
         "roots": roots,
@@ -89,7 +91,8 @@ def status(index: Index, config: Config) -> dict[str, Any]:
             "escalations": c.get("escalations", 0),
         },
         "rebuild": _rebuild(index),
-        "seq": index.last_seq(),
+        "seq": feed["seq"],
+        "feed": feed,
     }
 
 
@@ -138,11 +141,17 @@ def listing(index: Index, paths: Sequence[tuple[bytes, bytes]]) -> Iterator[dict
 
 
 def changes(index: Index, since: int) -> Iterator[dict[str, Any]]:
-    for seq, op, kind, root, old_path, path in index.changes_since(since):
-        yield {
-            "seq": seq,
-            "op": op.value,
-            "kind": kind.value,
-            "path": os.fsdecode(join(root, path)),
-            "old_path": os.fsdecode(join(root, old_path)) if old_path is not None else None,
-        }
+    for row in index.changes_since(since):
+        yield change_json(row)
+
+
+def change_json(row: tuple[int, Op, Kind, bytes, bytes | None, bytes]) -> dict[str, Any]:
+    """One row of `Index.changes_since` as `changes --json` prints it."""
+    seq, op, kind, root, old_path, path = row
+    return {
+        "seq": seq,
+        "op": op.value,
+        "kind": kind.value,
+        "path": os.fsdecode(join(root, path)),
+        "old_path": os.fsdecode(join(root, old_path)) if old_path is not None else None,
+    }

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon import fs, logs
+from daemon import feed, fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
@@ -108,6 +109,7 @@ class Scheduler:
         self.rebuild_task: asyncio.Task[None] | None = None
         self.metrics_task: asyncio.Task[None] | None = None
         self.guard_task: asyncio.Task[None] | None = None
+        self.prune_task: asyncio.Task[None] | None = None
         # Monotonic event times -> wall-clock times for `status`: one offset, so a published
         # time does not move (and cause a write) every time it is computed.
         self.wall_offset = time.time() - time.monotonic()
@@ -124,6 +126,7 @@ class Scheduler:
         self.rebuild_task = asyncio.create_task(self._rebuild(), name="rebuild")
         self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
         self.guard_task = asyncio.create_task(self._guard(), name="guard")
+        self.prune_task = asyncio.create_task(self._prune(), name="prune")
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -184,11 +187,12 @@ class Scheduler:
         self.stop.set()
         for rt in self.roots.values():
             rt.wake.set()
-        for task in (self.metrics_task, self.guard_task):
+        helpers = (self.metrics_task, self.guard_task, self.prune_task)
+        for task in helpers:
             if task is not None:
                 task.cancel()  # they only sleep between runs; a rebuild stops at its next batch
         tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
-        tasks += [t for t in (self.rebuild_task, self.metrics_task, self.guard_task) if t is not None]
+        tasks += [t for t in (self.rebuild_task, *helpers) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         for rt in self.roots.values():
             if rt.watcher is not None:
@@ -242,6 +246,22 @@ class Scheduler:
                         self.log.warning("cannot write the metrics file", path=str(textfile), reason=str(e))
                     failing = True
                 await asyncio.sleep(self.config.metrics.interval_s)
+        finally:
+            index.close()
+
+    async def _prune(self) -> None:
+        """The feed's retention ([feed]): what is older than its window, or beyond its row cap,
+        goes, in small transactions on a connection of its own (feed.prune)."""
+        index = await asyncio.to_thread(Index, self.config.database)
+        try:
+            while not self.stop.is_set():
+                try:
+                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed)
+                    if removed:
+                        self.log.debug("feed pruned", rows=removed)
+                except sqlite3.Error as e:  # busy past the timeout, disk full: next time
+                    self.log.warning("cannot prune the change feed", reason=str(e))
+                await asyncio.sleep(feed.prune_interval(self.config.feed))
         finally:
             index.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -159,6 +159,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE roots ADD COLUMN pending_since REAL;   -- wall-clock time its oldest pending event came
     ALTER TABLE roots ADD COLUMN pending_paths TEXT;   -- JSON list of the oldest pending paths (fsdecoded)
+    """,
+    # 6: the change feed as a contract (docs/feed.md): a random epoch made with the database, so
+    # that a consumer's cursor from another database (rebuilt, repaired, restored) is told apart,
+    # and how far retention has pruned, so that a cursor older than what is held is too.
+    """
+    CREATE TABLE feed(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch TEXT NOT NULL,                       -- 16 hex digits
+        pruned_through INTEGER NOT NULL DEFAULT 0  -- the highest seq retention removed (0: none)
+    );
+    INSERT INTO feed(id, epoch) VALUES (1, lower(hex(randomblob(8))));
     """,
 )
 

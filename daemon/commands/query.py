@@ -1,4 +1,4 @@
-"""`status`, `ls`, `changes`, `check-config`: what the index and the configuration say, as text or JSON.
+"""`status`, `ls`, `check-config`: what the index and the configuration say, as text or JSON.
 
 Read-only. The queries are in queries.py and metrics.py; rendering them is all that is done here.
 """
@@ -27,10 +27,6 @@ def register(sub: Subcommands) -> None:
     ls.add_argument("path", nargs="?", type=Path, metavar="PATH")
     ls.add_argument("--json", action="store_true", help="JSON lines")
     ls.set_defaults(handler=cmd_ls)
-    ch = sub.add_parser("changes", help="the change feed")
-    ch.add_argument("--since", type=int, required=True, metavar="SEQ")
-    ch.add_argument("--json", action="store_true", help="JSON lines")
-    ch.set_defaults(handler=cmd_changes)
     sub.add_parser("check-config", help="validate the configuration and exit").set_defaults(handler=cmd_check_config)
 
 
@@ -68,6 +64,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     c = data["counters"]
     scans = ", ".join(f"{n} {k}" for k, n in c["scans"].items())
     print(f"hashed {c['files_hashed']} files, {human_bytes(c['bytes_hashed'])}; scans: {scans}; seq {data['seq']}")
+    f = data["feed"]
+    print(f"feed: epoch {f['epoch']}, seq {f['seq']}, oldest held {f['oldest_seq']}")
     return ExitCode.OK
 
 
@@ -83,20 +81,6 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     for row in rows:
         digest = (row["blake3"] or "-")[:16]
         print(f"{row['kind']:<7} {row['size']:>12} {digest:<16} {row['path']}")
-    return ExitCode.OK
-
-
-def cmd_changes(args: argparse.Namespace, config: Config) -> int:
-    from daemon import queries
-
-    index = open_index(config, readonly=True)
-    rows = queries.changes(index, args.since)
-    if args.json:
-        print_json_lines(rows)
-        return ExitCode.OK
-    for row in rows:
-        old = f" (from {row['old_path']})" if row["old_path"] else ""
-        print(f"{row['seq']:>8} {row['op']:<8} {row['path']}{old}")
     return ExitCode.OK
 
 

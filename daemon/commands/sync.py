@@ -110,6 +110,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 report.error_count += again.error_count
                 report.errors.update(again.errors)
             reports.append(report)
+    from daemon.feed import prune
+
+    prune(index, config.feed)  # the feed's retention: a box with no daemon keeps it bounded too
     for r in reports:
         where = os.fsdecode(r.root)
         if r.busy_pid:
