@@ -1,4 +1,5 @@
-"""Step 2 of a scan: BLAKE3 of a file, read through a verified descriptor, stat before and after.
+"""Step 2 of a scan's hashing: BLAKE3 of a file, read through a verified descriptor with a stat
+before and after, and the dispatch of many files to threads or worker processes, in order.
 
 Files are read with ``readinto`` into a reused buffer rather than mmap'd: a file truncated
 while mapped raises SIGBUS, which kills the whole daemon, and truncation mid-hash is an
