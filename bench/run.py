@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import corpus as corpora
+from bench import feed_bench
 from bench.corpus import Corpus, human
 from bench.harness import (
     CLK_TCK,
@@ -397,6 +398,9 @@ BENCHMARKS: dict[str, Callable[[Bench], Iterator[Result]]] = {
     "P3": bench_p3,
     "P4": bench_p4,
     "P5": bench_p5,
+    "F1": feed_bench.bench_f1,
+    "F2": feed_bench.bench_f2,
+    "F3": feed_bench.bench_f3,
 }
 
 
