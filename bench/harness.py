@@ -148,16 +148,31 @@ class Bench:
             raise RuntimeError(f"scan of {root} was not clean: {r.stdout}")
         return r
 
-    def pair(self, ours: Callable[[], Run], reference: Callable[[], Run]) -> tuple[list[Run], list[Run]]:
-        """Warm both up once, then alternate ``rounds`` times: (our runs, reference runs)."""
-        reference()
-        ours()
+    def pair(
+        self, ours: Callable[[], Run], reference: Callable[[], Run], *, cold: bool = False
+    ) -> tuple[list[Run], list[Run]]:
+        """Warm both up once, then alternate ``rounds`` times: (our runs, reference runs).
+
+        ``cold``: the page cache (and dentries, inodes) dropped before every run instead, so
+        each reads the disk as after a reboot; the database is cold too, as it would be."""
+        if not cold:
+            reference()
+            ours()
         mine: list[Run] = []
         refs: list[Run] = []
         for _ in range(self.rounds):
-            refs.append(reference())
-            mine.append(ours())
+            for side, runs in ((reference, refs), (ours, mine)):
+                if cold:
+                    drop_caches()
+                runs.append(side())
         return mine, refs
+
+    def can_drop_caches(self, what: str) -> bool:
+        """Cold figures need root (/proc/sys/vm/drop_caches); elsewhere they are skipped, once, saying why."""
+        if os.access(DROP_CACHES, os.W_OK):
+            return True
+        self.notes.append(f"{what}: skipped, dropping the page cache needs root ({DROP_CACHES})")
+        return False
 
     def profile(self, name: str, db: Path, root: Path, *, fresh: bool) -> None:
         """py-spy record one scan into out/NAME.speedscope.json and a text summary."""
@@ -208,6 +223,16 @@ class Bench:
     def daemon(self, c: Corpus, db: Path, name: str) -> Daemon:
         """`treewatch run` on ``c``, started, with its startup sync done."""
         return Daemon(self, db, c.root, self.out / f"{name}.log").start()
+
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def drop_caches() -> None:
+    """Write back, then drop the page cache, dentries and inodes (vm/drop_caches = 3)."""
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("3\n")
 
 
 def drop_db(db: Path) -> None:
@@ -400,3 +425,23 @@ def table(results: Sequence[Result]) -> str:
     head = ["bench", "what", "figure", "target", "met", "detail"]
     rows = [head, ["---"] * len(head), *[r.cells() for r in results]]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def photo_folders(root: Path, n: int) -> list[Path]:
+    """The first ``n`` folders that hold photos, walking the corpus in sorted order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if any(f.endswith(".JPG") for f in filenames):
+            found.append(Path(dirpath))
+            if len(found) == n:
+                break
+    return found
+
+
+def restore(created: Sequence[Path], mtimes: dict[Path, int]) -> None:
+    """Put a corpus back as it was generated: remove what a benchmark wrote, reset folder mtimes."""
+    for path in created:
+        path.unlink(missing_ok=True)
+    for folder, mtime_ns in mtimes.items():
+        os.utime(folder, ns=(mtime_ns, mtime_ns))
