@@ -39,6 +39,30 @@ MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 QUEUE_LOCK = "/tmp/treewatch-max_queued_events.lock"
 
 
+class _QueueLock:
+    depth = 0  # holds by this process: the first takes the lock, the last lets it go
+
+
+@contextlib.contextmanager
+def queue_sysctl_held() -> Iterator[None]:
+    """No other run of this suite on the machine changes fs.inotify.max_queued_events meanwhile.
+
+    The value is global, and every run takes this lock before changing it: a test that checks
+    the value a message names, or that the value was put back, holds it until it has checked.
+    Nested holds in one process take the lock once (a second flock, on a new descriptor of the
+    same file, would wait for the first forever).
+    """
+    with contextlib.ExitStack() as stack:
+        if not _QueueLock.depth:
+            lock = stack.enter_context(open(QUEUE_LOCK, "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _QueueLock.depth += 1
+        try:
+            yield
+        finally:
+            _QueueLock.depth -= 1
+
+
 @contextlib.contextmanager
 def lowered_queue(limit: int) -> Iterator[None]:
     """fs.inotify.max_queued_events applies per instance at inotify_init: lower it just for that.
@@ -46,8 +70,7 @@ def lowered_queue(limit: int) -> Iterator[None]:
     It is global, so concurrent test runs take a lock first: otherwise one could read another's
     lowered value as the "original" and leave the machine with a 16-event queue.
     """
-    with open(QUEUE_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with queue_sysctl_held():
         original = MAX_QUEUED.read_text()
         MAX_QUEUED.write_text(str(limit))
         try:

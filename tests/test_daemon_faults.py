@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAX_QUEUED, lowered_queue
+from tests.conftest import MAX_QUEUED, lowered_queue, queue_sysctl_held
 from tests.daemon_harness import Daemon, write_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes inotify limits (root only)")
@@ -32,10 +32,12 @@ def test_real_overflow_is_logged_counted_and_resynced(tmp_path: Path, library: P
     # A long quiet window keeps the burst pending, so only the overflow's full sync can finish it early.
     config = write_config(tmp_path / "c.toml", db, [library], watch={"debounce_s": 0.5})
     daemon = Daemon(config, db, [library], tmp_path / "d.log")
-    with lowered_queue(16):
-        daemon.start()  # the watches (and the inotify instance) exist once status shows the daemon
-    stop_after.append(daemon)
-    assert MAX_QUEUED.read_text().strip() != "16"
+    with queue_sysctl_held():  # until checked, no other run may lower it again
+        before = MAX_QUEUED.read_text()
+        with lowered_queue(16):
+            daemon.start()  # the watches (and the inotify instance) exist once status shows the daemon
+        stop_after.append(daemon)
+        assert MAX_QUEUED.read_text() == before
     daemon.wait_converged()
     for i in range(3000):
         (library / f"burst-{i}.dat").write_bytes(b"x")

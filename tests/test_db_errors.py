@@ -4,7 +4,6 @@ exit 1, no traceback, and the file left exactly as it was."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.as_user import as_user, needs_other_user
 from tests.oracle import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,27 +57,22 @@ def test_database_folder_missing(library: Path, tmp_path: Path) -> None:
     one_line(cli(db, "scan", "--root", str(library), check=False), str(db))
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
+@needs_other_user
 def test_unwritable_and_unreachable_database_folder(tmp_path: Path) -> None:
     """As nobody (root writes anywhere): a folder it cannot write, and one it cannot even enter."""
-    base = Path("/tmp") / f"tw-dberr-{os.getpid()}"
-    base.mkdir(mode=0o755)
-    try:
-        library = base / "lib"
-        library.mkdir()
-        (library / "f").write_bytes(b"f")
-        ro = base / "ro"
-        ro.mkdir(mode=0o755)  # root's, not writable by nobody
-        closed = base / "closed"
-        closed.mkdir(mode=0o700)
-        for folder in (ro, closed):
-            db = folder / "index.db"
-            result = subprocess.run(
-                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m", "daemon",
-                 "--db", str(db), "scan", "--root", str(library)],
-                capture_output=True, text=True, timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
-            )  # fmt: skip
-            one_line(result, str(db))
-            assert list(folder.iterdir()) == []
-    finally:
-        shutil.rmtree(base)
+    library = tmp_path / "lib"
+    library.mkdir()
+    (library / "f").write_bytes(b"f")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o755)  # root's, not writable by nobody
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    for folder in (ro, closed):
+        db = folder / "index.db"
+        result = subprocess.run(
+            [*as_user("nobody", tmp_path), sys.executable, "-m", "daemon", "--db", str(db), "scan", "--root",
+             str(library)],
+            capture_output=True, text=True, timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        one_line(result, str(db))
+        assert list(folder.iterdir()) == []

@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import blake3
-import pytest
 
+from tests.as_user import as_user, needs_other_user
 from tests.oracle import cli, diff, expected, indexed, ls_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,11 +26,9 @@ is_root = os.geteuid() == 0
 
 
 def scan(
-    db: Path, root: Path, *extra: str, timeout: float = 60, user: str | None = None
+    db: Path, root: Path, *extra: str, timeout: float = 60, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "daemon", "--db", str(db), "scan", "--root", str(root), *extra]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
+    cmd = [*prefix, sys.executable, "-m", "daemon", "--db", str(db), "scan", "--root", str(root), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
 
@@ -147,25 +145,8 @@ def test_empty_sparse_and_hard_linked_files(library: Path, db: Path) -> None:
     assert diff(expected(library), indexed(db, library)) == []
 
 
-@pytest.fixture
-def open_to_nobody(tmp_path: Path) -> Iterator[Path]:
-    """Let `nobody` reach tmp_path (pytest makes its parents 0700); put things back after."""
-    changed = []
-    p = tmp_path
-    while p != p.parent and p != Path("/tmp"):
-        mode = p.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(p, mode | stat.S_IXOTH)
-            changed.append((p, mode))
-        p = p.parent
-    yield tmp_path
-    for path, mode in changed:
-        os.chmod(path, stat.S_IMODE(mode))
-
-
-@pytest.mark.skipif(not is_root or shutil.which("setpriv") is None, reason="needs root and setpriv to scan as nobody")
-def test_unreadable_entries_are_recorded_and_cleared(open_to_nobody: Path) -> None:
-    tmp_path = open_to_nobody
+@needs_other_user
+def test_unreadable_entries_are_recorded_and_cleared(tmp_path: Path) -> None:
     library = tmp_path / "lib"
     library.mkdir()
     (library / "ok").write_bytes(b"fine")
@@ -187,7 +168,7 @@ def test_unreadable_entries_are_recorded_and_cleared(open_to_nobody: Path) -> No
     os.chmod(library / "ok", 0o644)
     (library / "locked").write_bytes(b"secret, changed")  # must be re-read: cannot be
 
-    result = scan(db, library, user="nobody")
+    result = scan(db, library, prefix=as_user("nobody", tmp_path))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     status = json.loads(cli(db, "status", "--json").stdout)

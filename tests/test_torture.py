@@ -19,7 +19,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
+from tests.as_user import as_user, needs_other_user
 from tests.daemon_harness import Daemon, write_config
 from tests.oracle import diff, expected, indexed
 from tests.torture_ops import FIGURES, OP_NAMES, apply, new_burst, random_op, seed_tree
@@ -583,29 +583,18 @@ def test_file_growing_while_hashed_is_never_committed_as_hashed(tmp_path: Path, 
     assert d.stop() == 0
 
 
-@pytest.mark.skipif(not is_root or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@needs_other_user
 def test_subtree_unreadable_to_the_daemons_user_keeps_its_rows(tmp_path: Path, started: list[Daemon]) -> None:
-    """The daemon runs as nobody (setpriv); a folder made unreadable to it is an error shown in
-    `status`, not a deletion, and is indexed again once readable."""
-    base = Path(tempfile.mkdtemp(prefix="tw-torture-"))  # pytest's tmp_path is 0700 above: not reachable
-    os.chmod(base, 0o755)
-    try:
-        _unreadable_subtree(base, started)
-    finally:
-        for d in started:
-            d.stop()
-        shutil.rmtree(base)
-
-
-def _unreadable_subtree(base: Path, started: list[Daemon]) -> None:
-    root, dbdir = base / "library", base / "db"
+    """The daemon runs as nobody; a folder made unreadable to it is an error shown in `status`,
+    not a deletion, and is indexed again once readable."""
+    root, dbdir = tmp_path / "library", tmp_path / "db"
     root.mkdir()
     dbdir.mkdir()
     shutil.chown(dbdir, "nobody", "nogroup")
     _old_corpus(root, random.Random(1))
     db = dbdir / "index.db"
-    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    d = Daemon(write_config(base / "c.toml", db, [root]), db, [root], base / "d.log", prefix=prefix)
+    prefix = as_user("nobody", tmp_path)
+    d = Daemon(write_config(tmp_path / "c.toml", db, [root]), db, [root], tmp_path / "d.log", prefix=prefix)
     started.append(d.start())
     converge(d, what="first index as nobody")
     rows = _entries(d)
