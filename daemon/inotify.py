@@ -20,6 +20,7 @@ import errno
 import os
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -96,6 +97,13 @@ EVENT_FILTER: list[type[FileSystemEvent]] = [
 ]
 
 
+# Adding a watch on a folder that has one, with the same callback (the reconciling after an
+# overflow; a folder met again while a move is followed), makes watchdog warn once per folder
+# (inotify_c.py:447-449) that the callback "will be overwritten": by itself. Nothing is wrong,
+# and on a tree of 100k folders it would be 100k lines in the journal.
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning)
+
+
 @dataclass(frozen=True, slots=True)
 class Trouble:
     """Why an inotify session cannot go on."""
@@ -129,6 +137,7 @@ class InotifySession:
         self.group: _WatchGroup | None = None
         self.root_wd: WatchDescriptor | None = None
         self.failed: dict[bytes, int] = {}  # folder -> errno, for folders we meant to watch
+        self.met: set[WatchDescriptor] | None = None  # while watches are reconciled: those the walk met
 
     @property
     def watched(self) -> int:
@@ -167,7 +176,7 @@ class InotifySession:
         self.watcher.post(self, Trouble(EventKind.OBSERVER_DIED, detail=detail))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _WatchGroup(InotifyWatchGroup):
     """watchdog's recursive watch group, counting the folders it meant to watch and did.
 
@@ -177,6 +186,12 @@ class _WatchGroup(InotifyWatchGroup):
     """
 
     session: InotifySession | None = field(default=None, kw_only=True)
+
+    def __repr__(self) -> str:
+        # Short on purpose: watchdog puts this repr into a warning it builds whenever a watch is
+        # added again (inotify_c.py:447-449), and the dataclass's own listed every watched path:
+        # O(n) per watch, O(n^2) to reconcile n folders after an overflow (30 s for 3,000).
+        return f"<watch group of {os.fsdecode(self.path)}: {len(self._active_callbacks_by_watch)} watches>"
 
     def active_paths(self) -> dict[bytes, WatchDescriptor]:
         return self._active_callbacks_by_path
@@ -230,6 +245,8 @@ class _WatchGroup(InotifyWatchGroup):
                 raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
             return
         s.failed.pop(path, None)
+        if s.met is not None:
+            s.met.add(wd)
         if path == self.path:
             s.root_wd = wd
         stale = self._active_callbacks_by_watch.get(wd)
@@ -263,14 +280,36 @@ class _WatchGroup(InotifyWatchGroup):
 
     def on_queue_overflow(self) -> None:
         # The only place watchdog 7.1 reports IN_Q_OVERFLOW (inotify_c.py:336-348); no event
-        # reaches a handler (watchdog #654 for <= 6.x). Report it, then let watchdog re-add
-        # the watches (counted afresh: a rebuild that falls short is a watch-limit failure).
+        # reaches a handler (watchdog #654 for <= 6.x). Its own handling (inotify.py:212-225)
+        # removes every watch, then adds them again: each removal queues an IN_IGNORED, so on a
+        # tree with more folders than the queue holds (16,384 by default) the removal itself
+        # overflowed the queue again, and again, for good. Adding a watch on a folder that has
+        # one returns its descriptor and queues nothing: so walk, adding what the lost events
+        # would have added, and drop only the watches the walk did not meet (folders deleted
+        # or moved out meanwhile). The overflow is reported after that: reported first, the full
+        # sync it brings could list a folder before its watch was back, and a change made there
+        # in between was seen by neither.
         s = self._s()
-        if not self.is_active or s.cancelled.is_set():
+        if s.cancelled.is_set():
             return
-        s.watcher.overflowed()
-        s.failed.clear()
-        super().on_queue_overflow()
+        with self._lock:
+            if not self.is_active:
+                return
+            try:
+                self._move_event_grouper.discard_pending_events()
+                before = list(self._active_callbacks_by_watch)
+                s.failed.clear()  # counted afresh: a rebuild that falls short is a watch-limit failure
+                s.met = set()
+                try:
+                    self._add_all_callbacks(self.path)
+                except OSError as e:  # the root itself: gone or unreadable now
+                    s.watcher.post(s, Trouble(EventKind.ROOT_GONE, e.errno or 0, str(e)))
+                met, s.met = s.met, None
+                gone = [wd for wd in before if wd not in met and wd in self._active_callbacks_by_watch]
+                if gone:
+                    self._remove_callbacks(gone)
+            finally:
+                s.watcher.overflowed()
 
     def on_event(self, event: InotifyEvent) -> None:
         s = self._s()

@@ -43,6 +43,7 @@ class Run:
     watcher: RootWatcher
     events: list[WatchEvent] = field(default_factory=list)
     off_loop: list[str] = field(default_factory=list)  # sink calls seen on another thread
+    watched_at_overflow: list[int] = field(default_factory=list)  # watched folders as OVERFLOW arrived
 
     def find(
         self, kind: EventKind, rel: bytes | None = None, dest: bytes | None = None, is_dir: bool | None = None
@@ -86,6 +87,8 @@ async def watching(
     def sink(event: WatchEvent) -> None:
         if threading.get_ident() != loop_thread:
             run.off_loop.append(threading.current_thread().name)
+        if event.kind is EventKind.OVERFLOW:
+            run.watched_at_overflow.append(run.watcher.watched_dirs)
         run.events.append(event)
 
     watcher = RootWatcher(cfg, WatchConfig(poll_interval_s=0.2), loop, sink, retry_base_s=retry_base_s)
@@ -268,6 +271,30 @@ def test_a_real_queue_overflow_is_reported_with_the_sysctl(library: Path) -> Non
     # The message names the value in force at the overflow: no other run may change it meanwhile.
     with queue_sysctl_held():
         asyncio.run(scenario())
+
+
+def test_an_overflow_is_reported_once_every_watch_is_back(library: Path) -> None:
+    """watchdog re-adds every watch after an overflow; the full sync the overflow brings must
+    not list a folder before its watch is back (a change there would be seen by neither). So
+    whenever OVERFLOW reaches the loop, every folder is watched again."""
+    if not os.access(MAX_QUEUED, os.W_OK):
+        pytest.skip("needs root to lower fs.inotify.max_queued_events")
+    folders = 3000  # re-adding their watches takes long enough to be seen half done
+    for i in range(folders):
+        (library / f"d{i:04}").mkdir()
+    watched_when_told: list[int] = []
+
+    async def scenario() -> None:
+        async with watching(library, queue_limit=16) as run:
+            for i in range(200):
+                (library / "d0000" / f"f{i:03}").write_bytes(b"")
+            await run.seen(EventKind.OVERFLOW)
+            await caught_up(run, library)
+            watched_when_told.extend(run.watched_at_overflow)
+
+    with queue_sysctl_held():
+        asyncio.run(scenario())
+    assert watched_when_told and all(n == folders + 1 for n in watched_when_told), watched_when_told
 
 
 def test_polling_observer_places_nothing_and_emits_nothing(library: Path) -> None:
