@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAX_QUEUED, lowered_queue, queue_sysctl_held
+from tests.conftest import MAX_QUEUED
 from tests.daemon_harness import Daemon, write_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes inotify limits (root only)")
@@ -26,21 +27,24 @@ def stop_after() -> Iterator[list[Daemon]]:
         assert d.stop() == 0, d.log()[-3000:]
 
 
-@needs_root
 def test_real_overflow_is_logged_counted_and_resynced(tmp_path: Path, library: Path, stop_after: list[Daemon]) -> None:
+    """A real IN_Q_OVERFLOW without touching the machine's limits: the daemon is stopped
+    (SIGSTOP) while more events than its queue holds are made, then continued. (Lowering the
+    global fs.inotify.max_queued_events for the daemon's start gave any other process starting
+    an inotify instance meanwhile a 16-event queue.)"""
     db = tmp_path / "index.db"
-    # A long quiet window keeps the burst pending, so only the overflow's full sync can finish it early.
-    config = write_config(tmp_path / "c.toml", db, [library], watch={"debounce_s": 0.5})
-    daemon = Daemon(config, db, [library], tmp_path / "d.log")
-    with queue_sysctl_held():  # until checked, no other run may lower it again
-        before = MAX_QUEUED.read_text()
-        with lowered_queue(16):
-            daemon.start()  # the watches (and the inotify instance) exist once status shows the daemon
-        stop_after.append(daemon)
-        assert MAX_QUEUED.read_text() == before
+    config = write_config(tmp_path / "c.toml", db, [library])
+    daemon = Daemon(config, db, [library], tmp_path / "d.log").start()
+    stop_after.append(daemon)
     daemon.wait_converged()
-    for i in range(3000):
-        (library / f"burst-{i}.dat").write_bytes(b"x")
+    assert daemon.proc is not None
+    queue = int(MAX_QUEUED.read_text())
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(queue // 2 + 500):  # three events each (create, modify, close): past the queue
+            (library / f"burst-{i}.dat").write_bytes(b"x")
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
     daemon.wait(lambda: (s := daemon.status()) is not None and s["roots"][0]["overflows"] >= 1, 60, "an overflow")
     daemon.wait_converged(timeout=120)
     assert "fs.inotify.max_queued_events" in daemon.log()
