@@ -13,6 +13,7 @@ and retries inotify with backoff. Why and how: ``docs/overflow.md``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -74,6 +75,11 @@ class RootWatcher:
         self._cond = threading.Condition()  # guards the fields below
         self._mode = "stopped"
         self._open = False  # the sink may be called
+        # Events on their way to the loop. One wake-up of the loop takes all that came since the
+        # last: a call_soon_threadsafe per event cost a self-pipe write and a loop iteration per
+        # inotify event, on the core a writer shares with the daemon (docs/benchmarks.md, E1).
+        self._outbox: collections.deque[WatchEvent] = collections.deque()
+        self._outbox_lock = threading.Lock()
         self._stopping = threading.Event()  # stop() was called
         self._session: InotifySession | None = None
         self._trouble: tuple[InotifySession, Trouble] | None = None
@@ -140,15 +146,23 @@ class RootWatcher:
     # -- called from watchdog's threads ---------------------------------------------------
 
     def emit(self, event: WatchEvent) -> None:
-        """Hand ``event`` to the loop; the sink runs there. Cheap and non-blocking."""
+        """Hand ``event`` to the loop; the sink runs there, in order. Cheap and non-blocking."""
         if not self._open:
             return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is shutting down
-            self._loop.call_soon_threadsafe(self._deliver, event)
+        with self._outbox_lock:
+            wake = not self._outbox  # else a delivery is on its way and takes this one too
+            self._outbox.append(event)
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is shutting down
+                self._loop.call_soon_threadsafe(self._deliver)
 
-    def _deliver(self, event: WatchEvent) -> None:
-        if self._open:  # nothing reaches the sink after stop()
-            self._sink(event)
+    def _deliver(self) -> None:
+        with self._outbox_lock:
+            batch = list(self._outbox)
+            self._outbox.clear()
+        for event in batch:
+            if self._open:  # nothing reaches the sink after stop()
+                self._sink(event)
 
     def post(self, session: InotifySession, trouble: Trouble) -> None:
         """Report a problem of ``session``; the first one per session counts."""
