@@ -504,6 +504,16 @@ class ScanJournal:
                 if cur.rowcount <= 0:
                     return
 
+    def unmark_gone_under(self, path: bytes) -> None:
+        """What the scan found gone at or below ``path`` is not deleted after all (a volume
+        unmounted during the scan: its mount point showed the empty folder below it)."""
+        with self.index.transaction():
+            self.db.execute(
+                "DELETE FROM scan_gone WHERE scan_id = :s AND entry_id IN"
+                f" (SELECT id FROM entries WHERE root_id = :r AND {under_sql('path')})",
+                {"s": self.scan_id, "r": self.root_id, **subtree_bounds(path)},
+            )
+
     def gone(self, chunk: int) -> list[tuple[int, bytes, Kind]]:
         """The next chunk of gone entries, deepest first so a folder goes after what it held."""
         rows = self.db.execute(
