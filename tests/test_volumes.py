@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from daemon.logs import MessageId
+from tests.daemon_harness import Daemon, write_config
 from tests.mount_harness import Namespace, needs_root
 from tests.oracle import diff, indexed
 
@@ -261,3 +263,92 @@ def test_an_index_made_before_volumes_keeps_an_unplugged_disk(tmp_path: Path, ns
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     assert volume(ns.status(db), usb)["state"] == "online" and ns.status(db)["seq"] == seq
     ns.run("umount", str(usb))
+
+
+# --- under the running daemon ---------------------------------------------------------------------
+
+
+def in_index(d: Daemon, path: Path) -> bool:
+    return os.fsencode(path) in indexed(d.db, d.roots[0])
+
+
+def daemon_in(ns: Namespace, tmp_path: Path, root: Path, db: Path) -> Daemon:
+    d = Daemon(write_config(tmp_path / "c.toml", db, [root]), db, [root], tmp_path / "d.log", prefix=ns.prefix)
+    d.start()
+    d.wait(lambda: d.quiet() and matches_disk(ns, db, root) == [], 60, "the first index")
+    return d
+
+
+def test_daemon_volume_unmounted_and_mounted_again(tmp_path: Path, ns: Namespace) -> None:
+    root, db = tmp_path / "lib", tmp_path / "index.db"
+    usb = root / "usb"
+    usb.mkdir(parents=True)
+    image = ns.ext4(tmp_path / "usb.img")
+    ns.run("mount", "-o", "loop", str(image), str(usb))
+    fill(ns, usb, "photo")
+    fill(ns, root, "root", files=2)
+    d = daemon_in(ns, tmp_path, root, db)
+    try:
+        assert volume(status_of(d), usb)["state"] == "online"
+        count = rows(db)
+        ns.run("umount", str(usb))  # an ext4 superblock's last unmount: IN_UNMOUNT on its watches
+        d.wait(lambda: volume(status_of(d), usb)["state"] == "offline", 30, "the volume to go offline")
+        d.wait(lambda: MessageId.VOLUME_OFFLINE in d.log(), 30, "the volume-offline journal entry")
+        assert d.log().count(MessageId.VOLUME_OFFLINE) == 1
+        assert rows(db) == count and "deleted" not in feed_ops(d)
+        # The rest of the root is still synced; the bare mount point is not the volume's.
+        ns.sh(f"echo beside > '{root}/beside' && echo stray > '{usb}/stray'")
+        d.wait(lambda: in_index(d, root / "beside"), 30, "a change beside the offline volume")
+        d.wait(d.quiet, 30, "the daemon to be idle")
+        assert not in_index(d, usb / "stray") and rows(db) == count + 1
+        ns.run("rm", str(usb / "stray"))
+        hashed_before, seq = hashed(status_of(d)), status_of(d)["seq"]
+
+        ns.run("mount", "-o", "loop", str(image), str(usb))
+        d.wait(lambda: volume(status_of(d), usb)["state"] == "online", 30, "the volume to come back")
+        d.wait(lambda: d.quiet() and matches_disk(ns, db, root) == [], 60, "convergence after the remount")
+        assert MessageId.VOLUME_ONLINE in d.log()
+        assert hashed(status_of(d)) == hashed_before, "unchanged files were hashed again"
+        assert status_of(d)["seq"] == seq
+        # Watched again: a file written on the volume now is indexed from its event.
+        ns.sh(f"echo later > '{usb}/later'")
+        d.wait(lambda: in_index(d, usb / "later"), 30, "a change on the remounted volume")
+        assert "deleted" not in feed_ops(d)
+        ns.run("umount", str(usb))
+        d.wait(lambda: volume(status_of(d), usb)["state"] == "offline", 30, "offline again")
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        d.stop()
+
+
+def test_daemon_picks_up_a_mount_appearing_below_the_root(tmp_path: Path, ns: Namespace) -> None:
+    root, db = tmp_path / "lib", tmp_path / "index.db"
+    (root / "new").mkdir(parents=True)
+    fill(ns, root, "root", files=2)
+    d = daemon_in(ns, tmp_path, root, db)
+    try:
+        # A mount makes no inotify event: the mount table's change is what says it.
+        ns.sh(f"mount -t tmpfs -o size=8m tw-new '{root}/new' && mkdir '{root}/new/sub' && "
+              f"echo a > '{root}/new/a' && echo b > '{root}/new/sub/b'")  # fmt: skip
+        d.wait(lambda: in_index(d, root / "new" / "sub" / "b"), 30, "the new volume's files")
+        d.wait(lambda: volume(status_of(d), root / "new")["state"] == "online", 30, "the new volume in status")
+        ns.sh(f"echo c > '{root}/new/sub/c'")
+        d.wait(lambda: in_index(d, root / "new" / "sub" / "c"), 30, "a change on the new volume (its watches)")
+        d.wait(lambda: d.quiet() and matches_disk(ns, db, root) == [], 60, "convergence")
+        count = rows(db)
+        ns.run("umount", str(root / "new"))  # its content is gone for good: offline, kept
+        d.wait(lambda: volume(status_of(d), root / "new")["state"] == "offline", 30, "the volume to go offline")
+        assert rows(db) == count and "deleted" not in feed_ops(d)
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        d.stop()
+
+
+def status_of(d: Daemon) -> dict[str, Any]:
+    s = d.status()
+    assert s is not None, d.log()[-3000:]
+    return s
+
+
+def feed_ops(d: Daemon) -> set[str]:
+    return {json.loads(line)["op"] for line in d.cli("changes", "--since", "0", "--json").stdout.splitlines()}
