@@ -7,6 +7,7 @@ itself sees the tree as that process does through ``/proc/<pid>/root``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
     reason="needs root with unshare/nsenter: mounts filesystems in a private mount namespace",
 )
+CLONE_FS, CLONE_NEWNS = 0x00000200, 0x00020000
+_libc = ctypes.CDLL(None, use_errno=True)
 # What a freshly made ext4 holds that the index leaves out by default (config.DEFAULT_EXCLUDE).
 FS_JUNK = (b"lost+found",)
 
@@ -61,6 +64,23 @@ class Namespace:
     def prefix(self) -> list[str]:
         """Run a command inside this namespace (a daemon the test starts)."""
         return ["nsenter", "-t", str(self.proc.pid), "-m", "--"]
+
+    def enter_this_thread(self) -> None:
+        """Move the calling thread into the namespace, as a user's shell on the box would be.
+
+        Through /proc/<pid>/root a mount point of the namespace is a plain folder: renaming or
+        removing it from outside detaches the mount (Linux since 3.18 lazily unmounts what is
+        unlinked from another namespace). Inside, it is busy (EBUSY), as for the daemon. setns()
+        into a mount namespace needs a thread that shares no filesystem attributes: unshare
+        CLONE_FS first (Python 3.11's os has neither call)."""
+        if _libc.unshare(CLONE_FS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_FS)")
+        fd = os.open(f"/proc/{self.proc.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(fd, CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNS)")
+        finally:
+            os.close(fd)
 
     def view(self, path: Path) -> Path:
         """``path`` as a process of the namespace sees it, from outside."""
