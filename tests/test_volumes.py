@@ -86,6 +86,8 @@ def test_ext4_volume_unmounted_is_offline_and_comes_back_on_another_loop_device_
     assert v["state"] == "offline" and "not mounted" in v["offline_reason"] and v["entries"] == 12
     assert st["roots"][0]["state"] == "online"
     assert rows(db) == count and st["seq"] == seq, "rows deleted or announced while the volume was away"
+    metrics = ns.tw(db, "status", "--prometheus").stdout
+    assert f'treewatch_volume_online{{root="{root}",path="{usb}",fs_type="ext4"}} 0' in metrics, metrics
     # A scan of the volume alone, or of a folder in it, finds nothing to delete either.
     for scope in (usb, usb / "sub"):
         scoped = ns.tw(db, "scan", "--root", str(root), str(scope))
