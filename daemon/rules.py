@@ -37,6 +37,13 @@ def uses_polling(observer: str, fs_type: str) -> bool:
     return observer == "polling"
 
 
+def polled_volumes(observer: str, fs_types: Mapping[bytes, str]) -> list[bytes]:
+    """The volumes (mount point -> filesystem type) of a root watched by inotify that are polled
+    anyway: on a network or FUSE filesystem inotify does not see other clients' changes, so with
+    ``observer = "auto"`` each such volume is synced every poll_interval_s, as a root on one is."""
+    return sorted(rel for rel, fs_type in fs_types.items() if observer == "auto" and is_network_fs(fs_type))
+
+
 # Bumped when what the index derives from a file's content changes (see PhotoStructure's
 # sync vs rebuild). Entries with a lower scheme are `rebuild`'s work, not the scan's: the
 # scan follows the filesystem, and re-deriving unchanged content must not touch the feed.

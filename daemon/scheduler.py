@@ -30,7 +30,7 @@ from daemon.model import Mount, Op, ScanKind, ScanReport, ScanScope, is_within, 
 from daemon.mountwatch import MountWatcher
 from daemon.progress import LiveProgress
 from daemon.rebuild import needs_rebuild, rebuild
-from daemon.rules import HASH_SCHEME, mounts_below
+from daemon.rules import HASH_SCHEME, mounts_below, polled_volumes
 from daemon.scan import scan
 from daemon.watch import RootWatcher
 
@@ -89,10 +89,17 @@ class RootRuntime:
     # The mounts below the root (not excluded), by mount point: what the mount table showed last.
     mounts: dict[bytes, Mount] = field(default_factory=dict)
     volumes_offline: dict[bytes, str] = field(default_factory=dict)  # as the last scan found them, logged
+    next_volume_poll: float = 0.0  # volumes on a network filesystem below an inotify root (rules.polled_volumes)
 
     @property
     def path(self) -> bytes:
         return os.fsencode(self.config.path)
+
+    @property
+    def polled(self) -> list[bytes]:
+        if self.observer_state != "inotify" or self.config.one_filesystem:
+            return []  # a polled root's own syncs cover its volumes; left-out ones are not indexed
+        return polled_volumes(self.config.observer, {rel: m.fs_type for rel, m in self.mounts.items()})
 
     @property
     def left_out(self) -> frozenset[bytes]:
@@ -433,6 +440,12 @@ class Scheduler:
             rt.poll_pass = True
             period = self.config.watch.poll_interval_s
             rt.next_poll = now + (min(period, OFFLINE_RECHECK_S) if rt.offline else period)
+        polled = rt.polled
+        if polled and now >= rt.next_volume_poll:
+            if rt.next_volume_poll:  # the first pass is the startup sync's
+                for rel in polled:
+                    rt.aggregator.rescan(rel, now)
+            rt.next_volume_poll = now + self.config.watch.poll_interval_s
 
     def _start_worker(self, rt: RootRuntime) -> None:
         rt.task = asyncio.create_task(self._worker(rt), name=f"root {rt.config.path}")
@@ -505,6 +518,8 @@ class Scheduler:
                 continue
             deadlines = [rt.next_full, rt.next_poll if rt.observer_state in ("polling", "offline") else float("inf")]
             deadlines.append(rt.next_identity_check)
+            if rt.polled:
+                deadlines.append(rt.next_volume_poll)
             if next_due is not None:
                 deadlines.append(max(next_due, rt.retry_after))
             rt.sleep_until = min(deadlines)

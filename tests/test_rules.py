@@ -25,6 +25,7 @@ from daemon.rules import (
     is_racily_clean,
     mounts_below,
     offline_reason,
+    polled_volumes,
     row_unchanged,
     same_inode,
     sample_matches,
@@ -343,6 +344,12 @@ GATE = VolumeGate(
     left_out=frozenset({b"net"}),
     fs_types={b"usb": "vfat", b"usb/inner": "ext4"},
 )
+
+
+def test_polled_volumes() -> None:
+    fs_types = {b"usb": "ext4", b"nas": "nfs4", b"phone": "fuse.sshfs", b"share": "cifs"}
+    assert polled_volumes("auto", fs_types) == [b"nas", b"phone", b"share"]
+    assert polled_volumes("inotify", fs_types) == [], "the admin chose inotify for the whole root"
 
 
 def test_volume_gate() -> None:

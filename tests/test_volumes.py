@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import textwrap
@@ -354,3 +355,26 @@ def status_of(d: Daemon) -> dict[str, Any]:
 
 def feed_ops(d: Daemon) -> set[str]:
     return {json.loads(line)["op"] for line in d.cli("changes", "--since", "0", "--json").stdout.splitlines()}
+
+
+@pytest.mark.skipif(shutil.which("bindfs") is None, reason="bindfs is not installed (make deps installs it)")
+def test_daemon_polls_a_fuse_volume_below_an_inotify_root(tmp_path: Path, ns: Namespace) -> None:
+    """A FUSE mount below the root (bindfs of a folder elsewhere): what is written to that folder
+    directly, as another client of a network share would, makes no inotify event on the mount.
+    The volume is synced every poll_interval_s (1 s here) while the root stays on inotify."""
+    root, src, db = tmp_path / "lib", tmp_path / "src", tmp_path / "index.db"
+    (root / "b").mkdir(parents=True)
+    src.mkdir()
+    fill(ns, src, "s", files=3)
+    ns.run("bindfs", str(src), str(root / "b"))
+    d = daemon_in(ns, tmp_path, root, db)
+    try:
+        v = volume(status_of(d), root / "b")
+        assert v["state"] == "online" and v["fs_type"].startswith("fuse"), v
+        assert status_of(d)["roots"][0]["observer"] == "inotify"
+        ns.sh(f"echo behind > '{src}/behind-its-back'")
+        d.wait(lambda: in_index(d, root / "b" / "behind-its-back"), 30, "the change made behind the mount")
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        d.stop()
+        ns.run("umount", str(root / "b"), check=False)
