@@ -112,6 +112,7 @@ class RootWatcher:
                 self._open = True
                 self._stopping.clear()
                 self._retry_at, self._retry_delay, self._trouble = None, self._retry_base_s, None
+                self._unmount_told = False
             fstype = fs_type(self._root) if self.root.observer == "auto" else ""
             if uses_polling(self.root.observer, fstype):
                 self._set_mode("polling")
@@ -168,7 +169,7 @@ class RootWatcher:
         """IN_UNMOUNT on a watch below the root: one event for a burst (every watch on the
         filesystem gets one), the loop then reads the mount table."""
         with self._cond:
-            if self._unmount_told:
+            if self._unmount_told or not self._open:
                 return
             self._unmount_told = True
         self.emit(
