@@ -200,14 +200,11 @@ def walk_scope(
                 rel, parent = ancestor, parent_of(ancestor)
                 scope = ScanScope(scope.root, rel, True)
                 break
-        if parent and parent not in state.refreshed:
-            # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
-            state.refreshed.add(parent)
-            _refresh_own_entry(state, root_path, parent)
         volume = state.gate.volume_of(rel)
         if volume is not None and volume != rel:
             # A scope inside a volume: it must still be the volume the scan's check found, or
-            # an unmounted disk's empty mount point would say that all below it is gone.
+            # an unmounted disk's empty mount point would say that all below it is gone (and
+            # the mount point's own row, refreshed next, would take the bare folder's stat).
             try:
                 top = os.lstat(join(root_path, volume))
                 same = state.gate.enters(volume, top.st_dev, top.st_ino)
@@ -216,6 +213,10 @@ def walk_scope(
             if not same:
                 state.errors[volume] = VOLUME_CHANGED
                 return
+        if parent and parent not in state.refreshed:
+            # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
+            state.refreshed.add(parent)
+            _refresh_own_entry(state, root_path, parent)
         entry = journal.entry(rel)
         try:
             st = fs.lstat(join(root_path, rel))

@@ -600,15 +600,15 @@ def test_random_bursts_with_a_volume_unmounted_and_remounted(
                 time.sleep(delay)  # deliberate: the unmount lands at a random instant of the burst
                 lines.append(volume.toggle())
 
-            helper = threading.Thread(target=toggler) if toggle else None
-            if helper is not None:
-                helper.start()
+            toggling = threading.Thread(target=toggler) if toggle else None
+            if toggling is not None:
+                toggling.start()
             try:
                 # The writers work inside the namespace, as the box's own users do.
                 FIGURES.add(ops=_burst(seed, 10_000 + burst, root, outside, log, enter=ns.enter_this_thread))
             finally:
-                if helper is not None:
-                    helper.join()
+                if toggling is not None:
+                    toggling.join()
                 FENCED.clear()
             log.extend(f"  {line}" for line in lines)
             toggles += toggle

@@ -139,7 +139,7 @@ def test_tmpfs_volume_replaced_by_another_filesystem_or_an_empty_one_stays_offli
     fill(ns, t, "a")
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     count, seq = rows(db), ns.status(db)["seq"]
-    ns.run("umount", str(t))  # the report's case: "10 deleted", and 10 `deleted` rows in the feed
+    ns.run("umount", str(t))  # before volumes: "10 deleted", and 10 `deleted` rows in the feed
     away = ns.tw(db, "scan", "--root", str(root))
     assert away.returncode == 1 and "0 deleted" in away.stdout, away.stdout
     deleted = [c for c in ns.tw(db, "changes", "--since", "0", "--json").stdout.splitlines() if '"deleted"' in c]
