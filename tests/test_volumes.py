@@ -94,7 +94,7 @@ def test_ext4_volume_unmounted_is_offline_and_comes_back_on_another_loop_device_
         scoped = ns.tw(db, "scan", "--root", str(root), str(scope))
         assert scoped.returncode == 1 and "0 deleted" in scoped.stdout, scoped.stdout + scoped.stderr
     # What is written into the bare mount point meanwhile is not the volume's: left alone.
-    ns.sh(f"echo stray > '{usb}/stray' && echo new > '{root}/while-away'")
+    ns.sh(f"echo stray > '{usb}/stray' && echo new > '{root}/while-away' && touch -d '1 hour ago' '{root}/while-away'")
     again = ns.tw(db, "scan", "--root", str(root))
     assert again.returncode == 1 and "1 added, 0 modified, 0 deleted" in again.stdout, again.stdout
     ns.run("rm", str(usb / "stray"))
