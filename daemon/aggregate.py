@@ -86,6 +86,14 @@ class Aggregator:
         ev.first, ev.last = min(ev.first, now), max(ev.last, now)
         ev.deleted, ev.at_once = False, True
 
+    def rescan(self, rel: bytes, now: float) -> None:
+        """One subtree synced whole, due at once: a filesystem mounted or unmounted at ``rel``."""
+        if not rel:
+            self.rescan_root(now)
+            return
+        self._add(rel, now, recursive=True, deleted=False)
+        self._events[self._holder(rel)].at_once = True
+
     def next_due(self) -> float | None:
         """When to take the next round; None when nothing is pending.
 

@@ -13,6 +13,23 @@ DEFAULT_CONFIG_PATH = Path("/etc/treewatch/config.toml")
 DEFAULT_DATABASE = Path("/var/lib/treewatch/index.db")
 OBSERVERS = ("auto", "inotify", "polling")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# What every root leaves out unless its `exclude` says otherwise: partial and lock files of
+# editors and Syncthing, and what NAS systems and desktops put into shares that nobody wants in a
+# library index (config.example.toml names each one's maker).
+DEFAULT_EXCLUDE = (
+    ".stversions",
+    "*.tmp",
+    ".~lock.*#",
+    "@eaDir",
+    "#recycle",
+    "#snapshot",
+    "@Recycle",
+    ".@__thumb",
+    ".snapshots",
+    ".zfs",
+    ".Trash-*",
+    "lost+found",
+)
 
 
 class ConfigError(Exception):
@@ -23,7 +40,10 @@ class ConfigError(Exception):
 class RootConfig:
     path: Path
     observer: str = "auto"
-    exclude: tuple[str, ...] = (".stversions", "*.tmp", ".~lock.*#")
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # `exclude` (or the defaults) followed by `exclude_extra`
+    # Like `find -xdev`, `rsync -x`: other mounted filesystems below the root are neither indexed
+    # nor watched. The boundary is a mount (mountinfo), not a new st_dev: btrfs subvolumes stay in.
+    one_filesystem: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +146,13 @@ def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
+def _globs(table: Mapping[str, Any], key: str, where: str, default: list[str]) -> list[str]:
+    value = _typed(table, key, list, where, default)
+    if not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{where}.{key}: expected a list of non-empty glob strings")
+    return list(value)
+
+
 def _section(doc: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
     section = doc.get(name, {})
     if not isinstance(section, dict):
@@ -154,17 +181,20 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
         where = f"{source}: roots[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table with a path")
-        _no_unknown(raw, {"path", "observer", "exclude"}, where)
+        _no_unknown(raw, {"path", "observer", "exclude", "exclude_extra", "one_filesystem"}, where)
         if "path" not in raw:
             raise ConfigError(f"{where}: path is missing")
         path = _root_path(_typed(raw, "path", str, where, ""), f"roots[{i}].path", source)
         observer = _typed(raw, "observer", str, where, defaults.observer)
         if observer not in OBSERVERS:
             raise ConfigError(f"{where}.observer: {observer!r} is not one of {', '.join(OBSERVERS)}")
-        exclude = _typed(raw, "exclude", list, where, list(defaults.exclude))
-        if not all(isinstance(p, str) and p for p in exclude):
-            raise ConfigError(f"{where}.exclude: expected a list of non-empty glob strings")
-        roots.append(RootConfig(path=path, observer=observer, exclude=tuple(exclude)))
+        exclude = _globs(raw, "exclude", where, list(defaults.exclude))
+        # `exclude` replaces the defaults; `exclude_extra` adds to whichever list that leaves, so
+        # a root can leave one more folder out and keep every default.
+        extra = _globs(raw, "exclude_extra", where, [])
+        one_filesystem = _typed(raw, "one_filesystem", bool, where, defaults.one_filesystem)
+        patterns = tuple(dict.fromkeys([*exclude, *extra]))  # in order, each once
+        roots.append(RootConfig(path=path, observer=observer, exclude=patterns, one_filesystem=one_filesystem))
     _check_nesting(roots, source)
 
     w = _section(doc, "watch", source)

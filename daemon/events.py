@@ -40,6 +40,7 @@ class EventKind(enum.Enum):
     OBSERVER_DIED = "observer_died"  # a watchdog thread died: now polling until restored, full sync
     INOTIFY_RESTORED = "inotify_restored"  # inotify is back after a fallback: full sync
     ROOT_GONE = "root_gone"  # the root was deleted, moved or unmounted: now polling
+    UNMOUNTED = "unmounted"  # a filesystem below the root was unmounted (IN_UNMOUNT): look at the mounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,27 @@ class WatchEvent:
     detail: str = ""  # OVERFLOW / WATCH_LIMIT / OBSERVER_DIED / ROOT_GONE: a sentence for the log
 
 
+class LeftOut:
+    """The mount points below a root with ``one_filesystem``: neither watched nor indexed.
+
+    The set changes with the mount table: the loop swaps ``points`` for a new frozenset (one
+    reference assignment) while watchdog's threads read it.
+    """
+
+    def __init__(self, points: frozenset[bytes] = frozenset()) -> None:
+        self.points = points
+
+    def covers(self, rel: bytes) -> bool:
+        return any(rel == p or rel.startswith(p + b"/") for p in self.points)
+
+
 @dataclass(frozen=True, slots=True)
 class RootPaths:
     """A watched root as its events' paths see it: where it is, and what is left out of it."""
 
     top: bytes  # the root's real path, as watched
     excluder: Excluder
+    left_out: LeftOut = field(default_factory=LeftOut)
     prefix: bytes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +85,7 @@ class RootPaths:
         return raw[len(self.prefix) :] if raw.startswith(self.prefix) else None
 
     def excluded(self, rel: bytes) -> bool:
-        return rel != b"" and self.excluder.any_component(rel)
+        return rel != b"" and (self.excluder.any_component(rel) or self.left_out.covers(rel))
 
 
 _FILE_CHANGED = (FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import stat as stat_mod
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import xattr
 
-from daemon.model import Stat
+from daemon.model import Mount, Stat
 
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -118,35 +119,54 @@ def open_verified(path: bytes, expected: Stat) -> int:
     return fd
 
 
-@dataclass(frozen=True, slots=True)
-class Mount:
-    mount_point: bytes
-    fs_type: str
-    device: str
-
-
-def _unescape(field: str) -> bytes:
-    # mountinfo escapes space, tab, newline and backslash as octal (proc(5)).
-    raw = field.encode("utf-8", "surrogateescape")
+def _unescape(field: bytes) -> bytes:
+    # mountinfo escapes space, tab, newline and backslash as three octal digits (proc(5)).
     out = bytearray()
     i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
+    while i < len(field):
+        if field[i] == 0x5C and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
+            out.append(int(field[i + 1 : i + 4], 8))
             i += 4
         else:
-            out.append(raw[i])
+            out.append(field[i])
             i += 1
     return bytes(out)
 
 
-def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Mount]:
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def mounts(mountinfo: Path = MOUNTINFO) -> list[Mount]:
+    """The mount table of this process's mount namespace, in the kernel's order."""
+    return list(_parsed(mountinfo.read_bytes()))
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(text: bytes) -> tuple[Mount, ...]:
+    # Every scan reads the table (daemon/volumes.py) and it rarely changes; parsing is most of
+    # the cost (0.14 of 0.23 ms for 20 mounts), so an unchanged text is not parsed again.
+    return tuple(parse_mountinfo(text))
+
+
+def parse_mountinfo(text: bytes) -> list[Mount]:
     result = []
-    with mountinfo.open("rb") as f:
-        for line in f:
-            fields = line.decode("utf-8", "surrogateescape").split()
-            sep = fields.index("-")
-            result.append(Mount(_unescape(fields[4]), fields[sep + 1], fields[sep + 2]))
+    for line in text.splitlines():
+        fields = line.split()
+        # Optional fields (from the 7th on) end with "-"; an earlier field may be a "-" itself.
+        if b"-" not in fields[6:]:
+            continue
+        sep = fields.index(b"-", 6)
+        result.append(
+            Mount(
+                mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
+                devno=fields[2].decode(),
+                fs_root=_unescape(fields[3]),
+                mount_point=_unescape(fields[4]),
+                fs_type=fields[sep + 1].decode("utf-8", "replace"),
+                source=os.fsdecode(_unescape(fields[sep + 2])) if len(fields) > sep + 2 else "",
+            )
+        )
     return result
 
 
@@ -160,6 +180,21 @@ def mount_of(path: bytes, table: list[Mount] | None = None) -> Mount | None:
         ):
             best = m
     return best
+
+
+def fs_id(path: bytes) -> str:
+    """statvfs's f_fsid in hex, "" when the filesystem gives none (0) or cannot be asked.
+
+    Made from the filesystem's UUID by ext4, xfs and btrfs (and per subvolume by btrfs), random
+    per mount for tmpfs, the server's id for NFS: unlike st_dev, it does not change when a disk
+    comes back on another loop or block device, and is not handed to the next filesystem as
+    anonymous device numbers are. (vfat makes it from the block device's number: no better.)
+    """
+    try:
+        fsid = os.statvfs(path).f_fsid
+    except OSError:
+        return ""
+    return f"{fsid:016x}" if fsid else ""
 
 
 def fs_type(path: bytes) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import aiosqlite
 
-from daemon.model import ENTRY_COLUMNS, Entry, Kind, Op, RootState, entry_of
+from daemon.model import ENTRY_COLUMNS, Entry, Kind, Op, RootState, Stat, VolumeState, entry_of
 from daemon.schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 CHECKPOINT_PAGES = 8192  # of 4 KiB: SQLite's default page size
@@ -34,6 +35,9 @@ COUNTERS = ("files_hashed", "bytes_hashed", "scans_full", "scans_subtree", "scan
 COUNTERS_UPSERT = (
     "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
 )
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 class IndexError_(Exception):
@@ -86,6 +90,21 @@ class RootRow:
 
 
 @dataclass(frozen=True, slots=True)
+class VolumeRow:
+    """A filesystem mounted below a root, as the index records it (schema 7)."""
+
+    path: bytes  # the mount point, relative to the root
+    state: VolumeState
+    offline_reason: str | None
+    fs_type: str
+    source: str
+    fs_root: bytes
+    fsid: str
+    dev: int
+    changed_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ActiveScan:
     root_id: int
     kind: str
@@ -126,11 +145,15 @@ class Index:
             raise IndexError_(f"{path}: cannot be reached: {e.strerror or e}") from None
         try:
             # The database is created without world bits: it lists every file of the library.
-            old_umask = os.umask(0o027)
-            try:
-                self.db = _connect(uri)
-            finally:
-                os.umask(old_umask)
+            # The umask is the process's: two connections opened at once in two threads (the
+            # daemon's start) restored each other's 027 and left it for good, and every file the
+            # process wrote afterwards lost its group and world bits.
+            with _UMASK_LOCK:
+                old_umask = os.umask(0o027)
+                try:
+                    self.db = _connect(uri)
+                finally:
+                    os.umask(old_umask)
             if not readonly:
                 # Migrate (which refuses a foreign or newer database) before switching to WAL:
                 # journal_mode = WAL rewrites the file's header, and a database that is not
@@ -208,10 +231,64 @@ class Index:
             self.db.execute(f"UPDATE roots SET {sets} WHERE id = :id", {**fields, "id": root_id})
 
     def move_root_dev(self, root_id: int, dev: int) -> None:
-        """A filesystem that came back with a new anonymous device number (NFS, btrfs, tmpfs)."""
+        """A filesystem that came back with a new anonymous device number (NFS, btrfs, tmpfs).
+
+        Only the rows on the root's own filesystem move: those of the volumes mounted below it
+        keep theirs (each volume's check adopts its own, `move_volume_dev`)."""
         with self.transaction():
+            row = self.db.execute("SELECT dev FROM roots WHERE id = ?", (root_id,)).fetchone()
             self.db.execute("UPDATE roots SET dev = ? WHERE id = ?", (dev, root_id))
-            self.db.execute("UPDATE entries SET dev = ? WHERE root_id = ?", (dev, root_id))
+            if row is not None and row[0] is not None:
+                self.db.execute("UPDATE entries SET dev = ? WHERE root_id = ? AND dev = ?", (dev, root_id, row[0]))
+
+    # --- volumes below a root ------------------------------------------------------------
+
+    def volumes(self, root_id: int) -> list[VolumeRow]:
+        rows = self.db.execute(
+            "SELECT path, state, offline_reason, fs_type, source, fs_root, fsid, dev, changed_at FROM volumes"
+            " WHERE root_id = ? ORDER BY path",
+            (root_id,),
+        ).fetchall()
+        return [VolumeRow(r[0], VolumeState(r[1]), *r[2:]) for r in rows]
+
+    def save_volumes(self, root_id: int, rows: Sequence[VolumeRow], dropped: Sequence[bytes] = ()) -> None:
+        """Record volumes as now seen, and forget those no longer volumes (left out, excluded)."""
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(root_id, v.path, v.state.value, v.offline_reason, v.fs_type, v.source, v.fs_root, v.fsid, v.dev,
+                  v.changed_at) for v in rows],
+            )  # fmt: skip
+            self.db.executemany("DELETE FROM volumes WHERE root_id = ? AND path = ?", [(root_id, p) for p in dropped])
+
+    def move_volume_dev(self, root_id: int, path: bytes, old: int, new: int) -> None:
+        """A volume back on a new device number (a loop device renumbered, an NFS remount): its
+        rows take the new number before the walk compares them, so that nothing is re-hashed."""
+        with self.transaction():
+            self.db.execute(
+                f"UPDATE entries SET dev = :new WHERE root_id = :r AND dev = :old AND {under_sql('path')}",
+                {"new": new, "old": old, "r": root_id, **subtree_bounds(path)},
+            )
+
+    def volume_samples(self, root_id: int, path: bytes, limit: int = 16) -> list[tuple[bytes, Stat]]:
+        """A few top-level entries of the volume mounted at ``path``, as indexed: its identity's
+        second half (`rules.sample_matches`), as the root's own check samples the root's."""
+        rows = self.db.execute(
+            "SELECT c.path, c.kind, c.size, c.mtime_ns, c.ctime_ns, c.inode, c.dev, c.mode, c.uid, c.gid, c.nlink"
+            " FROM entries c WHERE c.root_id = :r"
+            " AND c.parent_id = (SELECT id FROM entries WHERE root_id = :r AND path = :p)"
+            " ORDER BY c.path LIMIT :n",
+            {"r": root_id, "p": path, "n": limit},
+        ).fetchall()
+        return [(r[0], Stat(Kind(r[1]), *r[2:])) for r in rows]
+
+    def count_below(self, root_id: int, path: bytes) -> int:
+        """Entries strictly below a root-relative folder (what a volume holds, for `status`)."""
+        row = self.db.execute(
+            "SELECT count(*) FROM entries WHERE root_id = :r AND path >= :lo AND path < :hi",
+            {"r": root_id, **subtree_bounds(path)},
+        ).fetchone()
+        return int(row[0])
 
     def has_entries(self, root_id: int) -> bool:
         """Whether anything is indexed under the root: an EXISTS, not a count, since every

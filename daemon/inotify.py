@@ -125,6 +125,8 @@ class Watcher(Protocol):
 
     def overflowed(self) -> None: ...
 
+    def unmounted(self) -> None: ...
+
 
 class InotifySession:
     """One inotify attempt: an observer, its watch group's counts, and what went wrong first."""
@@ -219,7 +221,7 @@ class _WatchGroup(InotifyWatchGroup):
             for name in dirnames:
                 full = os.path.join(top, name)
                 sub = s.paths.rel(full)
-                if sub is None or s.paths.excluder(sub) or os.path.islink(full):
+                if sub is None or s.paths.excluder(sub) or sub in s.paths.left_out.points or os.path.islink(full):
                     continue
                 kept.append(name)
                 self._add_callback(full)
@@ -262,11 +264,14 @@ class _WatchGroup(InotifyWatchGroup):
         self._active_callbacks_by_watch[wd] = path
 
     def forget(self, path: bytes) -> None:
-        """A folder moved out of the root: drop the watches on it and below.
+        """A folder moved out of the root, or a filesystem mounted or unmounted there: drop the
+        watches on it and below, and watch what is at the path now.
 
         watchdog keeps them (inotify.py:238-250, a TODO), so they would hold on to watches
         and report changes made outside the root under the folder's old path. If a new folder
-        took the old name meanwhile, it is watched afresh.
+        took the old name meanwhile, it is watched afresh. So is a disk mounted there (its
+        folders were never watched), or the bare mount point a bind mount left (the watches
+        on the bound folder stay on its inodes, which are no longer in the root).
         """
         with self._lock:
             if not self.is_active:
@@ -316,6 +321,12 @@ class _WatchGroup(InotifyWatchGroup):
         if self.is_active and event.wd == s.root_wd and event.mask & _ROOT_GONE_MASK:
             # IN_UNMOUNT and IN_MOVE_SELF are dropped by the emitter (inotify.py:525-536).
             s.watcher.post(s, Trouble(EventKind.ROOT_GONE, detail=_mask_names(event.mask)))
+        elif self.is_active and event.mask & InotifyConstants.IN_UNMOUNT:
+            # A filesystem below the root is gone: every watch on it gets IN_UNMOUNT, then
+            # IN_IGNORED (watchdog drops the watch and says nothing, inotify_c.py:351-367). Not a
+            # deletion of what was there: the scheduler looks at the mount table (its volume is
+            # offline, and nothing below it is deleted).
+            s.watcher.unmounted()
         super().on_event(event)
 
     def on_watch_deleted(self, wd: WatchDescriptor) -> None:

@@ -171,6 +171,9 @@ class ScanJournal:
         A queued path whose own row already holds that inode is not a rename's arrival, only
         re-checked (racily clean, or its content changed): when one name of a hard-linked
         file is deleted, the other keeps its identity instead of taking the deleted one's.
+
+        An inode is always taken with its device: a btrfs subvolume and its snapshots hold the
+        same inode numbers on different st_dev, and so do two filesystems mounted in one root.
         """
         # CROSS JOIN fixes the join order (SQLite's rule): from the few gone or displaced rows,
         # to their entry, to the queue by (scan_id, inode). Left to itself, the planner put
@@ -187,7 +190,7 @@ class ScanJournal:
                     SELECT 1 FROM entries cur WHERE cur.id = q.entry_id AND cur.inode = q.inode AND cur.dev = q.dev)
                UNION ALL
                SELECT q.path, e.id, e.path, e.kind, e.size, e.mtime_ns, q.size, q.mtime_ns, c.path, c.kind
-               FROM scan_queue c CROSS JOIN entries e ON e.id = c.entry_id AND e.inode != c.inode
+               FROM scan_queue c CROSS JOIN entries e ON e.id = c.entry_id AND (e.inode != c.inode OR e.dev != c.dev)
                CROSS JOIN scan_queue q INDEXED BY scan_queue_by_inode
                     ON q.scan_id = c.scan_id AND q.inode = e.inode AND q.dev = e.dev
                     AND q.kind = e.kind AND q.path != c.path
@@ -503,6 +506,16 @@ class ScanJournal:
                 )
                 if cur.rowcount <= 0:
                     return
+
+    def unmark_gone_under(self, path: bytes) -> None:
+        """What the scan found gone at or below ``path`` is not deleted after all (a volume
+        unmounted during the scan: its mount point showed the empty folder below it)."""
+        with self.index.transaction():
+            self.db.execute(
+                "DELETE FROM scan_gone WHERE scan_id = :s AND entry_id IN"
+                f" (SELECT id FROM entries WHERE root_id = :r AND {under_sql('path')})",
+                {"s": self.scan_id, "r": self.root_id, **subtree_bounds(path)},
+            )
 
     def gone(self, chunk: int) -> list[tuple[int, bytes, Kind]]:
         """The next chunk of gone entries, deepest first so a folder goes after what it held."""

@@ -61,6 +61,10 @@ def render(index: Index, config: Config) -> str:
         family("treewatch_root_state", "gauge", "1 for the root's current state (online, offline, scanning), else 0.",
                [({"root": name, "state": s.value}, 1 if r["state"] == s.value else 0)
                 for name, r in per_root for s in RootState]),
+        family("treewatch_volume_online", "gauge",
+               "1 while a filesystem mounted below the root is online, 0 while it is offline (kept as indexed).",
+               [({"root": name, "path": v["path"], "fs_type": v["fs_type"]}, 1 if v["state"] == "online" else 0)
+                for name, r in per_root for v in r["volumes"]]),
         family("treewatch_root_files", "gauge", "Regular files indexed under the root.", by_root("files")),
         family("treewatch_root_dirs", "gauge", "Folders indexed under the root.", by_root("dirs")),
         family("treewatch_root_size_bytes", "gauge", "Total size of the files indexed under the root.",

@@ -52,6 +52,14 @@ class RootState(enum.StrEnum):
     SCANNING = "scanning"
 
 
+class VolumeState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    # Found by the upgrade to schema 7 in an index made before volumes were known: a folder on
+    # another device than its parent. The next scan tells a mount point from a btrfs subvolume.
+    UNCONFIRMED = "unconfirmed"
+
+
 class ScanKind(enum.StrEnum):
     FULL = "full"
     SUBTREE = "subtree"
@@ -154,6 +162,19 @@ _SET_STAT: tuple[Callable[[Stat, object], None], ...] = tuple(
 
 
 @dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of /proc/self/mountinfo (proc(5)): a filesystem mounted somewhere."""
+
+    mount_id: int
+    parent_id: int  # the mount it sits on (itself, or one outside the table, for the namespace's root)
+    devno: str  # "major:minor" as the kernel names the filesystem (not always a file's st_dev: btrfs)
+    fs_root: bytes  # the folder of the filesystem mounted here: b"/" unless a bind mount of a folder
+    mount_point: bytes
+    fs_type: str
+    source: str  # /dev/sdb1, server:/export, tmpfs
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One indexed entry, as the index holds it."""
 
@@ -225,8 +246,16 @@ class ScanReport:
     linked: list[bytes] = field(default_factory=list)  # other names of a changed hard-linked file
     interrupted: bool = False
     seconds: float = 0.0
+    # Volumes below the root (daemon/volumes.py), by mount point relative to the root.
+    volumes_offline: dict[bytes, str] = field(default_factory=dict)  # every offline one, and why
+    volumes_online: list[bytes] = field(default_factory=list)
+    volumes_back: list[bytes] = field(default_factory=list)  # offline before this scan, online now
+    volumes_missed: list[bytes] = field(default_factory=list)  # offline ones the scopes cover: left as indexed
 
     @property
     def clean(self) -> bool:
         """The index now matches the disk for the scanned scopes."""
-        return not (self.offline or self.busy_pid or self.error_count or self.unstable or self.interrupted)
+        return not (
+            self.offline or self.busy_pid or self.error_count or self.unstable or self.interrupted
+            or self.volumes_missed
+        )  # fmt: skip

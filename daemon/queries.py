@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.index import Index
-from daemon.model import Entry, Kind, Op, RootState, join
+from daemon.model import Entry, Kind, Op, RootState, VolumeState, join
 
 # `ls` and `changes` use this module too: what only `status` needs (the daemon's lock, the
 # rebuild's state, and with them the hasher) is imported by the functions that use it.
@@ -64,6 +64,7 @@ def status(index: Index, config: Config) -> dict[str, Any]:
                 "errors": [{"path": os.fsdecode(join(root.path, p)), "error": e} for p, e in index.errors(root.id)],
                 "overflows": root.overflows,
                 "corrupt": index.corrupt_count(root.id),  # marked by `verify` (issue 6)
+                "volumes": volumes(index, root.id, root.path),
                 "scan": None
                 if scan is None
                 else {
@@ -94,6 +95,24 @@ def status(index: Index, config: Config) -> dict[str, Any]:
         "seq": feed["seq"],
         "feed": feed,
     }
+
+
+def volumes(index: Index, root_id: int, root_path: bytes) -> list[dict[str, Any]]:
+    """The filesystems mounted below a root (docs/scanning.md, "Offline, not deleted"); one that
+    an upgrade found and no scan has looked at yet is not shown."""
+    return [
+        {
+            "path": os.fsdecode(join(root_path, v.path)),
+            "state": v.state.value,
+            "offline_reason": v.offline_reason,
+            "fs_type": v.fs_type,
+            "source": v.source,
+            "entries": index.count_below(root_id, v.path),
+            "since": iso(v.changed_at),
+        }
+        for v in index.volumes(root_id)
+        if v.state is not VolumeState.UNCONFIRMED
+    ]
 
 
 def _rebuild(index: Index) -> dict[str, Any] | None:

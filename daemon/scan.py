@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from daemon import fs
+from daemon import fs, volumes
 from daemon.config import RootConfig, SyncConfig
 from daemon.filters import Excluder
 from daemon.hasher import GROUP_FILE_MAX, open_processes
 from daemon.index import Index, RootRow
 from daemon.journal import Batch, ScanJournal
-from daemon.model import Kind, Op, RootState, ScanKind, ScanReport, ScanScope, join
+from daemon.model import Kind, Op, RootState, ScanKind, ScanReport, ScanScope, is_within, join
 from daemon.progress import NoProgress, Progress
 from daemon.rules import RootProbe, offline_reason
 from daemon.stepper import Stepper
@@ -79,10 +79,23 @@ def check_online(index: Index, root: RootRow) -> tuple[str | None, bool]:
     return reason, False
 
 
-def _delete_gone(journal: ScanJournal, root: RootRow, sync: SyncConfig, report: ScanReport) -> None:
+def _note_volumes(report: ScanReport, found: volumes.Volumes, scopes: Sequence[ScanScope]) -> None:
+    report.volumes_offline = dict(found.offline)
+    report.volumes_online = list(found.online)
+    report.volumes_back += [p for p in found.came_online if p not in report.volumes_back]
+    # What the scan was asked to bring in line and could not: an offline volume inside a scope,
+    # or a scope inside an offline volume.
+    report.volumes_missed = sorted(
+        p for p in found.offline if any(is_within(p, s.subtree) or is_within(s.subtree, p) for s in scopes)
+    )
+
+
+def _delete_gone(journal: ScanJournal, root: RootRow, sync: SyncConfig, report: ScanReport,
+                 check_volumes: Callable[[], volumes.Volumes], found: volumes.Volumes,
+                 scopes: Sequence[ScanScope]) -> None:  # fmt: skip
     """Step 3: delete what the walk did not find, re-checking before each batch that the root
-    is still online — a disk unmounted mid-scan deletes nothing (Syncthing checks its folder
-    marker at the same two points)."""
+    is still online and that each volume below it is still the one the walk saw — a disk
+    unmounted mid-scan deletes nothing (Syncthing checks its folder marker at the same points)."""
     # A row that step 2 wrote below a folder that step 1 found gone (it came back between the
     # two, or went after its child was walked) goes with it: never a row whose folder's row is
     # deleted (torture seed 777001).
@@ -96,6 +109,15 @@ def _delete_gone(journal: ScanJournal, root: RootRow, sync: SyncConfig, report: 
             report.offline = reason
             journal.index.set_root(root.id, state=RootState.OFFLINE.value, offline_reason=reason)
             return
+        moved = volumes.changed(root, found)
+        if moved:
+            # Unmounted (or replaced) since the walk: what the walk found gone below it is what
+            # the unmount hid. It stays; the check records the volume as it is now.
+            for path in moved:
+                journal.unmark_gone_under(path)
+            found = check_volumes()
+            _note_volumes(report, found, scopes)
+            continue
         # A hard-linked file deleted or moved out under one name may have been written through
         # it first, out of sight of the other names' folders: those are looked at again
         # (torture seed 2, burst 12: `ln a d/b; echo >> d/b; mv d /elsewhere` left a stale).
@@ -143,6 +165,10 @@ def scan(
     root = index.root(root_path)
     assert root is not None
 
+    excluded = Excluder(root_config.exclude)
+    found = volumes.check(index, root, root_config, excluded)
+    _note_volumes(report, found, scopes)
+
     scopes_json = json.dumps([[os.fsdecode(s.subtree), s.recursive] for s in scopes])
     journal = ScanJournal.begin(index, root.id, kind.value, scopes_json)
     previous_errors = {p for p, _ in index.errors(root.id, limit=1_000_000)}
@@ -150,8 +176,7 @@ def scan(
         journal.clear_errors_under(scope.subtree)
 
     progress.phase(root_path, "walking")
-    walk = WalkState(journal, sync.batch_size)
-    excluded = Excluder(root_config.exclude)
+    walk = WalkState(journal, sync.batch_size, gate=found.gate)
     for scope in scopes:
         walk_scope(walk, root_path, scope, excluded, stop.is_set)
     walk.flush()
@@ -173,7 +198,7 @@ def scan(
     pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
     procs = open_processes(sync.hash_workers, small_files)
     try:
-        Stepper(journal, root_path, sync, report, progress, pool, procs, stop).run()
+        Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate).run()
     finally:
         if procs is not None:
             procs.close()
@@ -185,7 +210,7 @@ def scan(
 
     progress.phase(root_path, "deleting")
     journal.set_state("deleting")
-    _delete_gone(journal, root, sync, report)
+    _delete_gone(journal, root, sync, report, lambda: volumes.check(index, root, root_config, excluded), found, scopes)
     if report.offline is None:
         journal.finish(full=kind is ScanKind.FULL, counter=f"scans_{kind.value}")
     report.errors = {p: e for p, e in index.errors(root.id, limit=1_000_000) if p not in previous_errors}

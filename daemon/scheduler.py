@@ -22,13 +22,15 @@ from daemon import feed, fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
+from daemon.filters import Excluder
 from daemon.index import AsyncIndex, Index
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
-from daemon.model import Op, ScanKind, ScanReport, ScanScope, join
+from daemon.model import Mount, Op, ScanKind, ScanReport, ScanScope, is_within, join
+from daemon.mountwatch import MountWatcher
 from daemon.progress import LiveProgress
 from daemon.rebuild import needs_rebuild, rebuild
-from daemon.rules import HASH_SCHEME
+from daemon.rules import HASH_SCHEME, mounts_below, polled_volumes
 from daemon.scan import scan
 from daemon.watch import RootWatcher
 
@@ -84,16 +86,49 @@ class RootRuntime:
     files: int = 0
     overflows: int = 0  # not yet written to the database
     poll_pass: bool = False  # the next full sync is a polling pass, not one an admin alerts on
+    # The mounts below the root (not excluded), by mount point: what the mount table showed last.
+    mounts: dict[bytes, Mount] = field(default_factory=dict)
+    volumes_offline: dict[bytes, str] = field(default_factory=dict)  # as the last scan found them, logged
+    next_volume_poll: float = 0.0  # volumes on a network filesystem below an inotify root (rules.polled_volumes)
 
     @property
     def path(self) -> bytes:
         return os.fsencode(self.config.path)
 
     @property
+    def polled(self) -> list[bytes]:
+        if self.observer_state != "inotify" or self.config.one_filesystem:
+            return []  # a polled root's own syncs cover its volumes; left-out ones are not indexed
+        return polled_volumes(self.config.observer, {rel: m.fs_type for rel, m in self.mounts.items()})
+
+    @property
+    def left_out(self) -> frozenset[bytes]:
+        """one_filesystem: the mount points below the root that are not watched."""
+        return frozenset(self.mounts) if self.config.one_filesystem else frozenset()
+
+    @property
     def observer_state(self) -> str:
         if self.offline:
             return "offline"
         return self.watcher.mode if self.watcher is not None else "stopped"
+
+
+def _read_table() -> list[Mount]:
+    try:
+        return fs.mounts()
+    except OSError:
+        return []
+
+
+def _mounts_of(rt: RootRuntime, table: list[Mount]) -> dict[bytes, Mount]:
+    excluder = Excluder(rt.config.exclude)
+    below = mounts_below(os.fsencode(os.path.realpath(rt.path)), table)
+    return {rel: m for rel, m in below.items() if not excluder.any_component(rel)}
+
+
+def _same(m: Mount | None) -> tuple[int, str, bytes, str, str] | None:
+    """What tells one mount from the next at a mount point (ids are reused after an unmount)."""
+    return None if m is None else (m.mount_id, m.devno, m.fs_root, m.source, m.fs_type)
 
 
 class Scheduler:
@@ -115,14 +150,26 @@ class Scheduler:
         self.wall_offset = time.time() - time.monotonic()
         self.rebuilding = False
         self.published: tuple[Any, ...] = ()
+        self.mount_watcher: MountWatcher | None = None
+        self.table: list[Mount] = []  # the mount table as last read
+        self.mount_tasks: set[asyncio.Task[None]] = set()
 
     # --- life cycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.db.open()
+        self.table = await asyncio.to_thread(_read_table)
         for root in self.config.roots:
             await self.add_root(root)
+        self.mount_watcher = MountWatcher(self.loop, self.on_mounts)
+        if not await asyncio.to_thread(self.mount_watcher.start):
+            self.mount_watcher = None
+            self.log.warning("the mount table cannot be watched; it is read again every "
+                             f"{OFFLINE_RECHECK_S:g} s", path=str(fs.MOUNTINFO))  # fmt: skip
+            task = asyncio.create_task(self._read_mounts_every(OFFLINE_RECHECK_S), name="mounts")
+            self.mount_tasks.add(task)
+            task.add_done_callback(self.mount_tasks.discard)
         self.rebuild_task = asyncio.create_task(self._rebuild(), name="rebuild")
         self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
         self.guard_task = asyncio.create_task(self._guard(), name="guard")
@@ -131,6 +178,7 @@ class Scheduler:
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
         rt = RootRuntime(root, Aggregator(os.fsencode(root.path), self.config.watch), index)
+        rt.mounts = _mounts_of(rt, self.table)
         self.roots[rt.path] = rt
         row = index.root(rt.path)
         assert row is not None
@@ -185,14 +233,17 @@ class Scheduler:
     async def drain(self) -> None:
         """SIGTERM: the scans in flight commit their batch and stop; watchers stop."""
         self.stop.set()
+        if self.mount_watcher is not None:
+            await asyncio.to_thread(self.mount_watcher.stop)
         for rt in self.roots.values():
             rt.wake.set()
         helpers = (self.metrics_task, self.guard_task, self.prune_task)
-        for task in helpers:
+        for task in (*helpers, *self.mount_tasks):
             if task is not None:
                 task.cancel()  # they only sleep between runs; a rebuild stops at its next batch
         tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
         tasks += [t for t in (self.rebuild_task, *helpers) if t is not None]
+        tasks += list(self.mount_tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         for rt in self.roots.values():
             if rt.watcher is not None:
@@ -269,7 +320,9 @@ class Scheduler:
 
     async def _start_watcher(self, rt: RootRuntime) -> None:
         assert self.loop is not None
-        watcher = RootWatcher(rt.config, self.config.watch, self.loop, lambda ev: self.on_event(rt, ev))
+        watcher = RootWatcher(
+            rt.config, self.config.watch, self.loop, lambda ev: self.on_event(rt, ev), left_out=rt.left_out
+        )
         rt.watcher = watcher
         await asyncio.to_thread(watcher.start)
         rt.next_poll = time.monotonic() + self.config.watch.poll_interval_s
@@ -295,6 +348,11 @@ class Scheduler:
             agg.add(ev.rel, now, is_dir=ev.is_dir, deleted=True)
         elif ev.kind is EventKind.MOVED:
             agg.add_move(ev.rel, ev.dest, now, is_dir=ev.is_dir)
+        elif ev.kind is EventKind.UNMOUNTED:
+            # Not a change of the tree: which volume went is the mount table's to say (a scan of
+            # its mount point then finds it offline, and deletes nothing below it).
+            with contextlib.suppress(OSError):
+                self.on_mounts(fs.mounts())
         else:
             urgent = True
             self._on_watch_problem(rt, ev, now)
@@ -319,6 +377,56 @@ class Scheduler:
             self.log.warning("the root folder went away; checking it", root=rt.path)
         rt.aggregator.rescan_root(now)
 
+    # --- mounts below the roots -----------------------------------------------------------
+
+    def on_mounts(self, table: list[Mount]) -> None:
+        """The mount table changed (MountWatcher, or IN_UNMOUNT below a root): for each root, the
+        mount points whose mount came, went or was replaced are watched afresh and synced at once.
+        The scan decides whether each volume is online (daemon/volumes.py)."""
+        self.table = table
+        for rt in self.roots.values():
+            now = _mounts_of(rt, table)
+            changed = {rel for rel in now.keys() | rt.mounts.keys() if _same(now.get(rel)) != _same(rt.mounts.get(rel))}
+            rt.mounts = now
+            # A change below another changed mount point is covered by that one's.
+            top = sorted(rel for rel in changed if not any(o != rel and is_within(rel, o) for o in changed))
+            if top:
+                task = asyncio.create_task(self._mounts_changed(rt, top), name=f"mounts {rt.config.path}")
+                self.mount_tasks.add(task)
+                task.add_done_callback(self.mount_tasks.discard)
+
+    async def _read_mounts_every(self, period: float) -> None:
+        """Without a poll() on the mount table (no /proc at start): read it now and then."""
+        while not self.stop.is_set():
+            await asyncio.sleep(period)
+            self.on_mounts(await asyncio.to_thread(_read_table))
+
+    async def _mounts_changed(self, rt: RootRuntime, mount_points: list[bytes]) -> None:
+        self.log.info("mounts changed below the root; syncing there", root=rt.path,
+                      paths=" ".join(os.fsdecode(join(rt.path, p)) for p in mount_points))  # fmt: skip
+        if rt.watcher is not None:
+            # Watches first, then the scan: nothing written meanwhile falls between the two.
+            await asyncio.to_thread(rt.watcher.rewatch, mount_points, rt.left_out)
+        if self.roots.get(rt.path) is not rt or self.stop.is_set():
+            return
+        now = time.monotonic()
+        for rel in mount_points:
+            rt.aggregator.rescan(rel, now)
+        rt.wake.set()
+
+    def _note_volumes(self, rt: RootRuntime, report: ScanReport) -> None:
+        """One journal entry per volume that went offline or came back (MESSAGE_IDs in README)."""
+        for rel, reason in sorted(report.volumes_offline.items()):
+            if rel not in rt.volumes_offline:
+                self.log.warning("volume is offline: nothing below it is deleted while it is away",
+                                 root=rt.path, path=join(rt.path, rel), reason=reason,
+                                 message_id=MessageId.VOLUME_OFFLINE)  # fmt: skip
+        for rel in sorted((rt.volumes_offline.keys() | set(report.volumes_back)) - report.volumes_offline.keys()):
+            if rel in report.volumes_online:
+                self.log.info("volume is back online", root=rt.path, path=join(rt.path, rel),
+                              message_id=MessageId.VOLUME_ONLINE)  # fmt: skip
+        rt.volumes_offline = dict(report.volumes_offline)
+
     # --- scans -------------------------------------------------------------------------
 
     def _timers(self, rt: RootRuntime, now: float) -> None:
@@ -332,6 +440,12 @@ class Scheduler:
             rt.poll_pass = True
             period = self.config.watch.poll_interval_s
             rt.next_poll = now + (min(period, OFFLINE_RECHECK_S) if rt.offline else period)
+        polled = rt.polled
+        if polled and now >= rt.next_volume_poll:
+            if rt.next_volume_poll:  # the first pass is the startup sync's
+                for rel in polled:
+                    rt.aggregator.rescan(rel, now)
+            rt.next_volume_poll = now + self.config.watch.poll_interval_s
 
     def _start_worker(self, rt: RootRuntime) -> None:
         rt.task = asyncio.create_task(self._worker(rt), name=f"root {rt.config.path}")
@@ -404,6 +518,8 @@ class Scheduler:
                 continue
             deadlines = [rt.next_full, rt.next_poll if rt.observer_state in ("polling", "offline") else float("inf")]
             deadlines.append(rt.next_identity_check)
+            if rt.polled:
+                deadlines.append(rt.next_volume_poll)
             if next_due is not None:
                 deadlines.append(max(next_due, rt.retry_after))
             rt.sleep_until = min(deadlines)
@@ -468,6 +584,8 @@ class Scheduler:
     async def _after_scan(self, rt: RootRuntime, report: ScanReport) -> None:
         now = time.monotonic()
         rt.failures = rt.worker_ends = 0
+        if report.offline is None and report.busy_pid is None:
+            self._note_volumes(rt, report)
         if report.offline:
             if rt.offline is None:
                 self.log.warning("root is offline: nothing is deleted while it is away", root=rt.path,

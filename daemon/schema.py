@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Each migration takes the database from version N-1 to N; append, never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -170,6 +170,32 @@ MIGRATIONS: tuple[str, ...] = (
         pruned_through INTEGER NOT NULL DEFAULT 0  -- the highest seq retention removed (0: none)
     );
     INSERT INTO feed(id, epoch) VALUES (1, lower(hex(randomblob(8))));
+    """,
+    # 7: the volumes below each root, filesystems mounted inside it (docs/scanning.md, "Offline, not
+    # deleted"): what identifies each one, so that a disk unmounted (its mount point now an empty
+    # folder) or replaced by another is offline and nothing indexed below it is deleted. The
+    # inodes of its top-level entries, the other half of its identity, are its rows in `entries`.
+    # An index made before knew no volumes: every folder on another device than its parent is
+    # recorded `unconfirmed`, so that a disk unplugged at the upgrade is not taken for emptied;
+    # the next scan keeps those that are mount points and drops the rest (btrfs subvolumes).
+    """
+    CREATE TABLE volumes(
+        root_id INTEGER NOT NULL,
+        path BLOB NOT NULL,                  -- the mount point, relative to the root
+        state TEXT NOT NULL,                 -- online | offline
+        offline_reason TEXT,
+        fs_type TEXT NOT NULL,               -- as mountinfo names it (ext4, nfs4, tmpfs, fuse.sshfs)
+        source TEXT NOT NULL,                -- mountinfo's mount source: /dev/sdb1, server:/export
+        fs_root BLOB NOT NULL,               -- the folder of the filesystem mounted there (b'/' unless a bind mount)
+        fsid TEXT NOT NULL,                  -- statvfs f_fsid in hex, '' when the filesystem has none
+        dev INTEGER NOT NULL,                -- st_dev of its top folder when last online
+        changed_at REAL NOT NULL,            -- when its state last changed
+        PRIMARY KEY(root_id, path)
+    ) WITHOUT ROWID;
+    INSERT INTO volumes
+        SELECT c.root_id, c.path, 'unconfirmed', NULL, '', '', x'2f', '', c.dev, 0
+        FROM entries c JOIN roots r ON r.id = c.root_id LEFT JOIN entries p ON p.id = c.parent_id
+        WHERE c.kind = 'dir' AND c.dev != coalesce(p.dev, r.dev) AND substr(c.path, 1, 1) != x'00';
     """,
 )
 

@@ -22,7 +22,7 @@ from daemon.hasher import HashProcesses, Pending, Unstable, hash_in_order
 from daemon.journal import Batch, ScanJournal, Write
 from daemon.model import Kind, Op, QueueRow, ScanReport, Stat, join, parent_of
 from daemon.progress import Progress
-from daemon.rules import HASH_SCHEME, granularity_ns, is_racily_clean
+from daemon.rules import HASH_SCHEME, VolumeGate, granularity_ns, is_racily_clean
 
 # Commit at least this often while hashing, so progress and resume points stay fresh.
 COMMIT_EVERY_S = 2.0
@@ -35,10 +35,12 @@ class Stepper:
 
     def __init__(self, journal: ScanJournal, root_path: bytes, sync: SyncConfig, report: ScanReport,
                  progress: Progress, pool: ThreadPoolExecutor, procs: HashProcesses | None,
-                 stop: threading.Event) -> None:  # fmt: skip
+                 stop: threading.Event, *, gate: VolumeGate | None = None) -> None:  # fmt: skip
         self.journal, self.root_path, self.sync = journal, root_path, sync
         self.report, self.progress, self.pool, self.procs, self.stop = report, progress, pool, procs, stop
-        self.granularity = granularity_ns(fs.fs_type(root_path))
+        self.root_fs_type = fs.fs_type(root_path)
+        self.granularity = granularity_ns(self.root_fs_type)
+        self.gate = gate or VolumeGate()
         self.batch = Batch()
         self.last_commit = time.monotonic()
         self.hash_matched: set[int] = set()
@@ -238,7 +240,12 @@ class Stepper:
         self.batch.done_files += 1
         self.batch.done_bytes += st.size
         self.progress.advance(1, st.size)
-        racy = is_racily_clean(st.mtime_ns, result.read_started_ns, self.granularity)
+        # A file on a volume below the root is stamped by that volume's filesystem (a vfat
+        # USB stick keeps mtimes in 2 s steps inside an ext4 root).
+        granularity = (
+            granularity_ns(self.gate.fs_type_of(row.path, self.root_fs_type)) if self.gate.online else self.granularity
+        )
+        racy = is_racily_clean(st.mtime_ns, result.read_started_ns, granularity)
         common = {"blake3": result.digest, "racy": racy, "scheme": HASH_SCHEME, "xattrs": result.xattrs}
         if row.reason == "content" and row.entry_id is not None:
             op = Op.METADATA if self.journal.hash_of(row.entry_id) == result.digest else Op.MODIFIED

@@ -19,7 +19,7 @@ import blake3
 from daemon import fs
 from daemon.filters import Excluder
 from daemon.model import Entry, EntryRow, FolderState, Kind, QueueRow, ScanScope, Stat, entry_of, join, parent_of
-from daemon.rules import HASH_SCHEME, Change, classify, row_unchanged
+from daemon.rules import HASH_SCHEME, Change, VolumeGate, classify, row_unchanged
 
 
 class WalkJournal(Protocol):
@@ -49,6 +49,7 @@ class WalkState:
     errors: dict[bytes, str] = field(default_factory=dict)
     digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see Index.store_digests
     refreshed: set[bytes] = field(default_factory=set)  # folders whose own row this walk compared
+    gate: VolumeGate = field(default_factory=VolumeGate)  # the volumes below the root (volumes.check)
     seen: int = 0
 
     def queue(self, row: QueueRow) -> None:
@@ -120,6 +121,31 @@ def _error_text(e: OSError) -> str:
     return f"{errno.errorcode.get(e.errno or 0, 'error')}: {e.strerror or e}"
 
 
+# A volume found at a mount point is not the one the scan's check found there (unmounted or
+# replaced since): nothing below it is compared, and the next scan decides it again.
+VOLUME_CHANGED = "the filesystem mounted here changed during the scan; looked at again by the next scan"
+
+
+def _volume_child(state: WalkState, child: bytes, raw: os.stat_result, indexed: dict[bytes, EntryRow]) -> bool:
+    """Whether the walk compares (and enters) ``child``, a mount point below the root.
+
+    An offline volume stays as indexed, its own row and all below it, and so does one that
+    changed since the scan began: taken out of ``indexed``, they are not marked gone. A mount
+    point left out (one_filesystem) stays in ``indexed``, and its rows go, as an excluded name's.
+    """
+    gate = state.gate
+    if child in gate.left_out:
+        return False
+    if child in gate.offline:
+        indexed.pop(child, None)
+        return False
+    if not gate.enters(child, raw.st_dev, raw.st_ino):
+        indexed.pop(child, None)
+        state.errors[child] = VOLUME_CHANGED
+        return False
+    return True
+
+
 def _refresh_own_entry(state: WalkState, root_path: bytes, rel: bytes) -> None:
     """Compare a folder's own row (times, mode) without listing it.
 
@@ -159,8 +185,8 @@ def walk_scope(
         while parent and journal.id_of(parent) is None:
             rel, parent = parent, parent_of(parent)
             scope = ScanScope(scope.root, rel, True)
-        if excluded.any_component(rel):
-            return
+        if excluded.any_component(rel) or state.gate.frozen(rel) or state.gate.outside(rel):
+            return  # excluded, in an offline volume (left as indexed) or on a filesystem left out
         # lstat(root/a/b) follows a symlink at a: a scope below a folder that is now a symlink
         # (or a file) would index what lies outside the root. Start at that component instead.
         parts = rel.split(b"/")
@@ -174,6 +200,19 @@ def walk_scope(
                 rel, parent = ancestor, parent_of(ancestor)
                 scope = ScanScope(scope.root, rel, True)
                 break
+        volume = state.gate.volume_of(rel)
+        if volume is not None and volume != rel:
+            # A scope inside a volume: it must still be the volume the scan's check found, or
+            # an unmounted disk's empty mount point would say that all below it is gone (and
+            # the mount point's own row, refreshed next, would take the bare folder's stat).
+            try:
+                top = os.lstat(join(root_path, volume))
+                same = state.gate.enters(volume, top.st_dev, top.st_ino)
+            except OSError:
+                same = False
+            if not same:
+                state.errors[volume] = VOLUME_CHANGED
+                return
         if parent and parent not in state.refreshed:
             # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
             state.refreshed.add(parent)
@@ -191,6 +230,9 @@ def walk_scope(
         except OSError as e:
             state.errors[rel] = _error_text(e)
             return
+        if rel in state.gate.points and not state.gate.enters(rel, st.dev, st.inode):
+            state.errors[rel] = VOLUME_CHANGED
+            return
         state.seen += 1
         reason, old_gone = _reason(entry, st)
         if old_gone:
@@ -206,6 +248,7 @@ def walk_scope(
         stack = [(b"", True, None, scope.recursive)]
 
     seed = digest_seed(excluded)
+    points = state.gate.points  # mount points below the root: most walks have none
     while stack:
         if stopping():
             return
@@ -236,15 +279,16 @@ def walk_scope(
                     for name, raw in listing.children:
                         if stat_mod.S_ISDIR(raw.st_mode):
                             child = dir_rel + b"/" + name if dir_rel else name
-                            if not excluded(child):
-                                stack.append((child, True, Stat.of(raw), True))
+                            if excluded(child) or (child in points and not _volume_child(state, child, raw, {})):
+                                continue
+                            stack.append((child, True, Stat.of(raw), True))
                 continue
         indexed = journal.children_rows(dir_id) if dir_id is not None else {}
         all_unchanged = not listing.vanished
         compared = 0
         for name, raw in sorted(listing.children, key=_by_name):
             child = dir_rel + b"/" + name if dir_rel else name
-            if excluded(child):
+            if excluded(child) or (child in points and not _volume_child(state, child, raw, indexed)):
                 continue
             compared += 1
             st = Stat.of(raw)

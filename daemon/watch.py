@@ -19,13 +19,14 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from daemon.config import RootConfig, WatchConfig
-from daemon.events import EventKind, RootPaths, WatchEvent
+from daemon.events import EventKind, LeftOut, RootPaths, WatchEvent
 from daemon.filters import Excluder
 from daemon.fs import fs_type
 from daemon.inotify import InotifySession, Trouble
+from daemon.model import join
 from daemon.rules import uses_polling
 
 RETRY_BASE_S = 60.0  # first inotify retry after a fallback to polling...
@@ -61,9 +62,11 @@ class RootWatcher:
         *,
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
+        left_out: frozenset[bytes] = frozenset(),
     ) -> None:
         self.root = root
         self.excluder = Excluder(root.exclude)
+        self.left_out = LeftOut(left_out)  # one_filesystem: mount points not watched
         self._root = os.fsencode(str(root.path))
         self._poll_interval_s = watch.poll_interval_s
         self._loop = loop
@@ -89,6 +92,7 @@ class RootWatcher:
         self._last_death = -float("inf")
         self._counts = (0, 0)  # (expected, watched) of the last finished attempt
         self._supervisor: threading.Thread | None = None
+        self._unmount_told = False  # an UNMOUNTED event is on its way to the loop
 
     # -- public -------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class RootWatcher:
                 self._open = True
                 self._stopping.clear()
                 self._retry_at, self._retry_delay, self._trouble = None, self._retry_base_s, None
+                self._unmount_told = False
             fstype = fs_type(self._root) if self.root.observer == "auto" else ""
             if uses_polling(self.root.observer, fstype):
                 self._set_mode("polling")
@@ -161,6 +166,9 @@ class RootWatcher:
             batch = list(self._outbox)
             self._outbox.clear()
         for event in batch:
+            if event.kind is EventKind.UNMOUNTED:
+                with self._cond:
+                    self._unmount_told = False
             if self._open:  # nothing reaches the sink after stop()
                 self._sink(event)
 
@@ -170,6 +178,29 @@ class RootWatcher:
             if session is self._session and self._trouble is None and not self._stopping.is_set():
                 self._trouble = (session, trouble)
                 self._cond.notify_all()
+
+    def unmounted(self) -> None:
+        """IN_UNMOUNT on a watch below the root: one event for a burst (every watch on the
+        filesystem gets one), the loop then reads the mount table."""
+        with self._cond:
+            if self._unmount_told or not self._open:
+                return
+            self._unmount_told = True
+        self.emit(
+            WatchEvent(EventKind.UNMOUNTED, detail=f"{self.root.path}: a filesystem below the root was unmounted")
+        )
+
+    def rewatch(self, mount_points: Iterable[bytes], left_out: frozenset[bytes]) -> None:
+        """The mounts at these mount points (relative to the root) changed: watch what is there
+        now, and leave out ``left_out`` (one_filesystem). Blocking: call via asyncio.to_thread."""
+        self.left_out.points = left_out
+        with self._ctl:
+            session = self._session
+            group = session.group if session is not None else None
+            if session is None or group is None:
+                return  # polling, or stopped: the scan looks at the tree itself
+            for rel in mount_points:
+                group.forget(join(session.paths.top, rel))
 
     def overflowed(self) -> None:
         current = read_sysctl(PROC_INOTIFY + "max_queued_events") or 16384
@@ -294,7 +325,7 @@ class RootWatcher:
         """Place every watch (blocking). None when all are placed; else torn down and why."""
         # The real path: a root that is a symlink would otherwise be watched as the link
         # itself (watchdog adds IN_DONT_FOLLOW, inotify.py:169-175).
-        session = InotifySession(self, RootPaths(os.path.realpath(self._root), self.excluder))
+        session = InotifySession(self, RootPaths(os.path.realpath(self._root), self.excluder, self.left_out))
         with self._cond:
             if self._stopping.is_set():
                 return None

@@ -454,6 +454,30 @@ def test_events_after_a_rescan_are_absorbed_by_it() -> None:
     assert a.due(0.5) == [ScanScope(ROOT, b"", True)]
 
 
+def test_rescan_of_a_mount_point_is_due_at_once_and_recursive() -> None:
+    a = agg()
+    a.add(b"usb/a.jpg", 40.0)
+    a.add(b"other", 40.0)
+    a.rescan(b"usb", 41.0)
+    assert a.pending == 2  # usb absorbed its pending file; other waits for its window
+    assert a.due(41.0) == [ScanScope(ROOT, b"usb", True)]
+    assert a.due(60.0) == [scope(b"other")]
+
+
+def test_rescan_inside_a_pending_recursive_scope_makes_that_one_due() -> None:
+    a = agg()
+    a.add(b"disks", 40.0, is_dir=True)
+    a.rescan(b"disks/usb", 41.0)
+    assert a.pending == 1
+    assert a.due(41.0) == [ScanScope(ROOT, b"disks", True)]
+
+
+def test_rescan_of_the_root_path_is_a_root_rescan() -> None:
+    a = agg()
+    a.rescan(b"", 1.0)
+    assert a.due(1.0) == [ScanScope(ROOT, b"", True)]
+
+
 # --- absorption -----------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load
+from daemon.config import DEFAULT_EXCLUDE, ConfigError, load
 from tests.oracle import cli
 
 BAD = [
@@ -29,6 +29,8 @@ BAD = [
     ("duplicate root", '[[roots]]\npath = "/srv/a"\n[[roots]]\npath = "/srv/a/"\n', ["roots", "/srv/a", "twice"]),
     ("bad observer", '[[roots]]\npath = "/srv/a"\nobserver = "fanotify"\n', ["observer", "fanotify"]),
     ("bad exclude", '[[roots]]\npath = "/srv/a"\nexclude = [""]\n', ["exclude"]),
+    ("bad exclude_extra", '[[roots]]\npath = "/srv/a"\nexclude_extra = "@eaDir"\n', ["exclude_extra"]),
+    ("one_filesystem not a bool", '[[roots]]\npath = "/srv/a"\none_filesystem = 1\n', ["one_filesystem"]),
     ("bad level", '[log]\nlevel = "verbose"\n', ["level", "verbose"]),
     ("max_delay < debounce", "[watch]\ndebounce_s = 30\nmax_delay_s = 10\n", ["max_delay_s", "debounce_s"]),
     ("zero batch", "[sync]\nbatch_size = 0\n", ["batch_size"]),
@@ -97,6 +99,35 @@ def test_check_config_ok(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout and str(tmp_path / "a") in result.stdout
     assert not (tmp_path / "x.db").exists()  # checking the configuration writes nothing
+
+
+EXCLUDES = [
+    ("no key: the defaults", "", DEFAULT_EXCLUDE),
+    ("exclude replaces the defaults", 'exclude = ["*.part"]', ("*.part",)),
+    ("exclude_extra adds to the defaults", 'exclude_extra = ["Cache"]', (*DEFAULT_EXCLUDE, "Cache")),
+    ("exclude_extra adds to exclude", 'exclude = ["*.part"]\nexclude_extra = ["Cache"]', ("*.part", "Cache")),
+    ("a pattern given twice counts once", 'exclude_extra = ["@eaDir"]', DEFAULT_EXCLUDE),
+    ("an empty exclude leaves nothing out", "exclude = []", ()),
+]
+
+
+@pytest.mark.parametrize(("name", "keys", "want"), EXCLUDES, ids=[e[0] for e in EXCLUDES])
+def test_exclude_and_exclude_extra(tmp_path: Path, name: str, keys: str, want: tuple[str, ...]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[roots]]\npath = "/srv/a"\n{keys}\n')
+    assert load(path).roots[0].exclude == want
+
+
+def test_default_excludes_cover_the_nas_junk_folders() -> None:
+    for name in ("@eaDir", "#recycle", "#snapshot", "@Recycle", ".@__thumb", ".snapshots", ".zfs", "lost+found"):
+        assert name in DEFAULT_EXCLUDE
+    assert ".Trash-*" in DEFAULT_EXCLUDE and {".stversions", "*.tmp", ".~lock.*#"} <= set(DEFAULT_EXCLUDE)
+
+
+def test_one_filesystem_defaults_to_false(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[roots]]\npath = "/srv/a"\n[[roots]]\npath = "/srv/b"\none_filesystem = true\n')
+    assert [r.one_filesystem for r in load(path).roots] == [False, True]
 
 
 def test_example_config_is_valid() -> None:

@@ -1,69 +1,25 @@
 """Offline roots: an unmounted, missing or emptied root deletes nothing, and coming back
 re-syncs without re-hashing.
 
-The mount cases run inside a private mount namespace (`unshare -m --propagation private`,
-kept alive by a `sleep`; each step enters it with `nsenter`), so nothing leaks to the host.
-The tmpfs is mounted at a hidden place and bind-mounted onto the root, so unmounting the
-bind keeps the files for the remount.
+The mount cases run inside a private mount namespace (tests/mount_harness.py), so nothing leaks
+to the host. The tmpfs is mounted at a hidden place and bind-mounted onto the root, so unmounting
+the bind keeps the files for the remount.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for
 from tests.engine import settle
+from tests.mount_harness import Namespace, needs_root
 from tests.oracle import cli, diff, expected, indexed
-
-REPO = Path(__file__).resolve().parent.parent
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
-    reason="needs root with unshare/nsenter: mounts a tmpfs in a private mount namespace",
-)
-
-
-def _ns_of(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:
-        return None
-
-
-class Namespace:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
-        # Until unshare has run, the process is still in our namespace: entering it then
-        # would mount on the host. Its namespace link differs from ours once it has.
-        mine = os.readlink("/proc/self/ns/mnt")
-        wait_for(lambda: _ns_of(self.proc.pid) not in (mine, None), timeout=10, what="the private namespace")
-
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        return subprocess.run(
-            ["nsenter", "-t", str(self.proc.pid), "-m", "--", *cmd],
-            capture_output=True, text=True, check=check, env=env, timeout=120,
-        )  # fmt: skip
-
-    def tw(self, db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, "-m", "daemon", "--db", str(db), *args, check=False)
-
-    def status(self, db: Path) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.tw(db, "status", "--json").stdout)
-        return out
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture

@@ -9,20 +9,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.model import Entry, Kind, Stat, entry_of
+from daemon.fs import parse_mountinfo
+from daemon.model import Entry, Kind, Mount, Stat, entry_of
 from daemon.rules import (
     HASH_SCHEME,
     LOCAL_GRANULARITY_NS,
     Candidate,
     Change,
     RootProbe,
+    VolumeGate,
+    VolumeProbe,
+    VolumeRecord,
     classify,
     granularity_ns,
     is_racily_clean,
+    mounts_below,
     offline_reason,
+    polled_volumes,
     row_unchanged,
     same_inode,
+    sample_matches,
     stable_while_hashed,
+    volume_offline_reason,
 )
 
 S = 1_000_000_000
@@ -226,3 +234,131 @@ def test_row_unchanged_agrees_with_classify(
            scheme, e.seq, None, None)  # fmt: skip
     assert entry_of(row) == e  # the row is what the index hands out for this entry
     assert row_unchanged(row, now) == (classify(e, now) is Change.NONE)
+
+
+# --- volumes: filesystems mounted below a root --------------------------------------------------
+
+
+def mnt(mid: int, parent: int, point: bytes, fs_type: str = "ext4", fs_root: bytes = b"/") -> Mount:
+    return Mount(mid, parent, "7:0", fs_root, point, fs_type, f"/dev/m{mid}")
+
+
+# The namespace's root (its parent is outside the table), a root's filesystem, volumes below it.
+TABLE = [mnt(1, 0, b"/"), mnt(2, 1, b"/srv"), mnt(3, 2, b"/srv/lib/usb"), mnt(4, 3, b"/srv/lib/usb/inner")]
+MOUNTS_BELOW = [
+    ("a mount below the root -> a volume", TABLE[:3], {b"usb"}),
+    ("a mount below a volume -> a volume too", TABLE, {b"usb", b"usb/inner"}),
+    ("the root's own mount and those above it -> not volumes", [*TABLE[:2], mnt(5, 2, b"/srv/lib")], set()),
+    ("a sibling sharing the root's name as a prefix -> not below it", [*TABLE[:2], mnt(5, 2, b"/srv/library")], set()),
+    ("two stacked on one point -> one volume, the top one", [*TABLE[:3], mnt(6, 3, b"/srv/lib/usb", "tmpfs")],
+     {b"usb"}),
+    ("a mount under a covered mount -> hidden, not a volume", [*TABLE, mnt(7, 3, b"/srv/lib/usb")], {b"usb"}),
+    ("an escaped name -> its bytes", [*TABLE[:2], mnt(8, 2, b"/srv/lib/my disk")], {b"my disk"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "table", "want"), MOUNTS_BELOW, ids=[c[0] for c in MOUNTS_BELOW])
+def test_mounts_below(name: str, table: list[Mount], want: set[bytes]) -> None:
+    assert set(mounts_below(b"/srv/lib", table)) == want
+
+
+def test_mounts_below_keeps_the_top_of_a_stack() -> None:
+    stacked = [*TABLE[:3], mnt(6, 3, b"/srv/lib/usb", "tmpfs")]
+    assert mounts_below(b"/srv/lib/", stacked)[b"usb"].fs_type == "tmpfs"
+
+
+def test_mountinfo_lines_are_parsed_with_their_escapes() -> None:
+    text = (
+        b"29 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        b"66 29 7:0 / /srv/lib/my\\040disk rw,relatime - ext4 /dev/loop0 rw\n"
+        b"68 29 254:0 /data/a /srv/lib/- rw shared:5 master:1 - ext4 /dev/vda rw\n"
+    )
+    table = parse_mountinfo(text)
+    assert [(m.mount_id, m.parent_id, m.mount_point, m.fs_root) for m in table] == [
+        (29, 1, b"/", b"/"),
+        (66, 29, b"/srv/lib/my disk", b"/"),
+        (68, 29, b"/srv/lib/-", b"/data/a"),
+    ]
+    assert (table[1].devno, table[1].fs_type, table[1].source) == ("7:0", "ext4", "/dev/loop0")
+
+
+USB = mnt(3, 2, b"/srv/lib/usb")
+REC = VolumeRecord("ext4", b"/", "aa", 1792)
+
+
+def probe(mount: Mount | None = USB, *, exists: bool = True, fsid: str = "aa", empty: bool = False,
+          sampled: int = 4, matching: int = 0) -> VolumeProbe:  # fmt: skip
+    return VolumeProbe(mount, exists, fsid, empty, sampled, matching)
+
+
+VOLUME_OFFLINE = [
+    ("unmounted: the mount point is a plain folder -> offline", REC, probe(None), "not mounted"),
+    ("unmounted and its folder removed (udisks) -> offline", REC, probe(None, exists=False), "missing"),
+    ("the same filesystem id and folder -> online", REC, probe(), None),
+    ("back on another device, same filesystem id -> online", REC, probe(), None),
+    ("another filesystem (tmpfs reusing the device number) -> offline", REC, probe(fsid="bb"), "another filesystem"),
+    ("another filesystem with the same top-level entries (a copy, vfat renumbered) -> online", REC,
+     probe(fsid="bb", matching=3), None),
+    ("half of the entries alike is not most -> offline", REC, probe(fsid="bb", matching=2), "another filesystem"),
+    ("no filesystem id, most inodes the same -> online", VolumeRecord("nfs4", b"/", "", 40), probe(fsid="",
+     matching=4), None),
+    ("no filesystem id on either side, entries differ -> offline", VolumeRecord("9p", b"/", "", 40),
+     probe(fsid=""), "another filesystem"),
+    ("another folder of the same filesystem bind-mounted -> offline", REC,
+     probe(mnt(3, 2, b"/srv/lib/usb", fs_root=b"/other")), "another folder"),
+    ("mounted but empty while indexed -> offline", REC, probe(empty=True), "empty"),
+    ("nothing indexed below it: anything mounted -> online", REC, probe(fsid="bb", sampled=0), None),
+    ("a volume never recorded -> online", None, probe(fsid="bb"), None),
+    ("never recorded and not mounted -> offline", None, probe(None), "not mounted"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "rec", "probe", "want"), VOLUME_OFFLINE, ids=[c[0] for c in VOLUME_OFFLINE])
+def test_volume_offline_reason(name: str, rec: VolumeRecord | None, probe: VolumeProbe, want: str | None) -> None:
+    reason = volume_offline_reason(rec, probe)
+    if want is None:
+        assert reason is None
+    else:
+        assert reason is not None and want in reason, reason
+
+
+SAMPLE = [
+    ("same inode -> same entry", FILE, r(FILE, size=5, mtime_ns=1), True),
+    ("new inode, same size and mtime (vfat renumbers) -> same entry", FILE, r(FILE, inode=99), True),
+    ("new inode, another size -> not", FILE, r(FILE, inode=99, size=5), False),
+    ("new inode, another mtime -> not", FILE, r(FILE, inode=99, mtime_ns=1), False),
+    ("a folder: new inode, same mtime, any size -> same entry", DIR, r(DIR, inode=99, size=1), True),
+    ("another kind -> not", FILE, r(DIR, inode=42), False),
+    ("nothing there -> not", FILE, None, False),
+]
+
+
+@pytest.mark.parametrize(("name", "indexed", "now", "want"), SAMPLE, ids=[c[0] for c in SAMPLE])
+def test_sample_matches(name: str, indexed: Stat, now: Stat | None, want: bool) -> None:
+    assert sample_matches(indexed, now) is want
+
+
+GATE = VolumeGate(
+    online={b"usb": (1792, 2), b"usb/inner": (1793, 2)},
+    offline=frozenset({b"old"}),
+    left_out=frozenset({b"net"}),
+    fs_types={b"usb": "vfat", b"usb/inner": "ext4"},
+)
+
+
+def test_polled_volumes() -> None:
+    fs_types = {b"usb": "ext4", b"nas": "nfs4", b"phone": "fuse.sshfs", b"share": "cifs"}
+    assert polled_volumes("auto", fs_types) == [b"nas", b"phone", b"share"]
+    assert polled_volumes("inotify", fs_types) == [], "the admin chose inotify for the whole root"
+
+
+def test_volume_gate() -> None:
+    assert GATE.points == {b"usb", b"usb/inner", b"old", b"net"}
+    assert GATE.frozen(b"old") and GATE.frozen(b"old/a/b") and not GATE.frozen(b"older") and not GATE.frozen(b"usb")
+    assert GATE.outside(b"net/x") and not GATE.outside(b"network")
+    assert GATE.enters(b"usb", 1792, 2) and GATE.enters(b"plain", 5, 5)
+    assert not GATE.enters(b"usb", 2049, 2), "unmounted since the scan began: its folder is another"
+    assert not GATE.enters(b"old", 1, 1) and not GATE.enters(b"net", 1, 1)
+    assert GATE.volume_of(b"usb/inner/x") == b"usb/inner" and GATE.volume_of(b"usb/a") == b"usb"
+    assert GATE.volume_of(b"usbx") is None
+    assert GATE.fs_type_of(b"usb/a.jpg", "ext4") == "vfat" and GATE.fs_type_of(b"a.jpg", "btrfs") == "btrfs"

@@ -492,6 +492,44 @@ def test_unit_follows_a_root_disk_unmounted_and_mounted(service: Service) -> Non
     assert service.state().n_restarts == 0
 
 
+def test_unit_follows_a_volume_mounted_and_unmounted_below_a_root(service: Service) -> None:
+    """A disk mounted below a root after the service started, then unmounted and mounted again,
+    on the host: the mounts reach the service's sandbox (its namespace is a slave of the host's,
+    and so is the roots drop-in's read-only bind), its poll() on the mount table sees them, and
+    the journal says offline and online once each, with their MESSAGE_IDs."""
+    ns = service.manager.ns
+    root = make_tree(service.dir / "photos", 3)
+    usb, disk = root / "usb", service.dir / "usbdisk"
+    usb.mkdir()
+    disk.mkdir()
+    write_config(service.config, service.db, [root])
+    service.install([root])
+    assert service.manager.ctl("start", UNIT).returncode == 0, service.diagnostics()
+    wait_until(lambda: (r := root_status(service.db, root)) and r["files"] == 3, 30, "the first sync")
+
+    assert ns.run(["mount", "-t", "tmpfs", "-o", "size=16m", "usbdisk", str(disk)]).returncode == 0
+    make_tree(ns.path(str(disk)), 4)
+    assert ns.run(["mount", "--bind", str(disk), str(usb)]).returncode == 0
+
+    def volume() -> dict[str, Any] | None:
+        r = root_status(service.db, root)
+        return next((v for v in r["volumes"] if v["path"] == str(usb)), None) if r else None
+
+    wait_until(lambda: (v := volume()) and v["state"] == "online" and v["entries"] == 5, 30,
+               "the new volume synced")  # fmt: skip
+    assert ns.run(["umount", str(usb)]).returncode == 0
+    entry = service.wait_entry(MessageId.VOLUME_OFFLINE, root=str(root))
+    assert entry["TREEWATCH_PATH"] == str(usb) and entry["PRIORITY"] == "4", entry
+    v = volume()
+    assert v is not None and v["state"] == "offline" and v["entries"] == 5, v
+    assert ns.run(["mount", "--bind", str(disk), str(usb)]).returncode == 0
+    service.wait_entry(MessageId.VOLUME_ONLINE, root=str(root), path=str(usb))
+    assert len(service.entries(MessageId.VOLUME_OFFLINE, root=str(root))) == 1
+    assert (r := root_status(service.db, root)) is not None and r["files"] == 3 + 4
+    assert ns.run(["umount", str(usb)]).returncode == 0
+    assert ns.run(["umount", str(disk)]).returncode == 0
+
+
 def test_unit_starts_with_a_root_missing(service: Service) -> None:
     """A root that is away when the service starts (a disk not mounted at boot) is offline; the
     service itself starts — the roots drop-in must not turn a missing root into 226/NAMESPACE."""

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 
 from tests.as_user import as_user, needs_other_user
 from tests.daemon_harness import Daemon, write_config
-from tests.oracle import diff, expected, indexed
-from tests.torture_ops import FIGURES, OP_NAMES, apply, new_burst, random_op, seed_tree
+from tests.mount_harness import Namespace
+from tests.oracle import Row, diff, expected, indexed
+from tests.torture_ops import FENCED, FIGURES, OP_NAMES, Volume, apply, new_burst, random_op, seed_tree
 
 is_root = os.geteuid() == 0
 needs_ns = pytest.mark.skipif(
@@ -107,14 +108,19 @@ def status_of(d: Daemon) -> dict[str, Any]:
 # --- 1. random operation sequences ----------------------------------------------------------
 
 
-def _burst(seed: int, burst: int, root: Path, outside: Path, log: list[str]) -> int:
-    """Several writer threads at once, each with its own seeded sequence; returns ops applied."""
+def _burst(
+    seed: int, burst: int, root: Path, outside: Path, log: list[str], enter: Callable[[], None] | None = None
+) -> int:
+    """Several writer threads at once, each with its own seeded sequence; returns ops applied.
+    ``enter`` runs first in each writer thread (into a mount namespace)."""
     rng = random.Random(f"{seed}:{burst}")
     new_burst()
     writers = rng.randint(1, 4)
     lines: list[list[str]] = [[] for _ in range(writers)]
 
     def writer(i: int) -> None:
+        if enter is not None:
+            enter()
         wrng = random.Random(f"{seed}:{burst}:{i}")
         for _ in range(wrng.randint(3, 25)):
             name = random_op(wrng)
@@ -520,6 +526,115 @@ def test_root_tmpfs_unmounted_and_remounted_under_the_running_daemon(
     assert after["bytes_hashed"] == before["bytes_hashed"], "unchanged files were hashed again"
     assert status_of(d)["seq"] == seq
     assert d.stop() == 0, d.log()[-3000:]
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return path == top or path.startswith(top + b"/")
+
+
+@needs_ns
+def test_random_bursts_with_a_volume_unmounted_and_remounted(
+    tmp_path: Path, seed: int, duration: float, started: list[Daemon]
+) -> None:
+    """The random bursts, on a root with an ext4 image mounted below it, in the daemon's private
+    mount namespace. Between or during bursts (at a random instant, while other writers go on and
+    the daemon scans) the volume is unmounted, or mounted again. While it is away the index must
+    keep exactly what it held below it when it left (those bursts fence it: no operation touches
+    it, so that is what it held on disk), and the feed says nothing about it; once it is back,
+    index and disk agree again, and not one feed row below it came from the round trip."""
+    rng = random.Random(f"{seed}:volume")
+    ns = Namespace()
+    try:
+        root, outside, db = tmp_path / "library", tmp_path / "outside", tmp_path / "index.db"
+        point = root / "vol"
+        point.mkdir(parents=True)
+        outside.mkdir()
+        image = ns.ext4(tmp_path / "vol.img", size_mb=32)
+        ns.run("mount", "-o", "loop", str(image), str(point))
+        view = ns.view(root)  # the tree as the daemon's namespace sees it, for the oracle
+        seed_tree(random.Random(seed), view)
+        seed_tree(random.Random(seed + 1), view / "vol", folders=3, files=4)
+        volume = Volume(ns.prefix, image, point)
+        d = Daemon(write_config(tmp_path / "c.toml", db, [root]), db, [root], tmp_path / "d.log", prefix=ns.prefix)
+        started.append(d.start())
+        top = os.fsencode(point)
+        frozen: dict[bytes, Row] = {}  # what the index held below the volume when it went away
+
+        def mismatches() -> list[str]:
+            want, got = ns.expected(root), indexed(db, root)
+            if not volume.mounted:
+                want = {k: v for k, v in want.items() if not _under(k, top)} | frozen
+            return diff(want, got)
+
+        def converge_here(what: str) -> None:
+            last: list[str] = []
+
+            def done() -> bool:
+                nonlocal last
+                last = mismatches() if d.quiet() else ["not quiet"]
+                return not last and d.quiet()
+
+            FIGURES.add(convergence_checks=1)
+            try:
+                d.wait(done, 90, what)
+            except AssertionError as e:
+                FIGURES.add(mismatches=1)
+                raise AssertionError(f"seed {seed}: {what}\n{e}\nmismatches: {last[:20]}") from None
+
+        converge_here("first index")
+        deadline = time.monotonic() + max(duration / 2, 8.0)
+        burst = toggles = 0
+        log: list[str] = []
+        while time.monotonic() < deadline or toggles < 2:
+            toggle = rng.random() < 0.5
+            fence = toggle or not volume.mounted
+            if fence:
+                FENCED.add(point)
+            if toggle and volume.mounted:
+                frozen = {k: v for k, v in indexed(db, root).items() if _under(k, top)}
+            seq = status_of(d)["seq"]
+            delay = rng.uniform(0.0, 0.4)  # often after the writes, during the scans they cause
+            lines: list[str] = []
+
+            def toggler(delay: float = delay) -> None:
+                time.sleep(delay)  # deliberate: the unmount lands at a random instant of the burst
+                lines.append(volume.toggle())
+
+            toggling = threading.Thread(target=toggler) if toggle else None
+            if toggling is not None:
+                toggling.start()
+            try:
+                # The writers work inside the namespace, as the box's own users do.
+                FIGURES.add(ops=_burst(seed, 10_000 + burst, root, outside, log, enter=ns.enter_this_thread))
+            finally:
+                if toggling is not None:
+                    toggling.join()
+                FENCED.clear()
+            log.extend(f"  {line}" for line in lines)
+            toggles += toggle
+            try:
+                converge_here(f"volume burst {burst} ({'mounted' if volume.mounted else 'unmounted'})")
+                if fence:
+                    feed = [
+                        json.loads(line) for line in d.cli("changes", "--since", str(seq), "--json").stdout.splitlines()
+                    ]
+                    touched = [c for c in feed if _under(os.fsencode(c["path"]), top)]
+                    assert not touched, f"the feed spoke of the fenced volume: {touched[:5]}"
+                if toggle:
+                    want = "online" if volume.mounted else "offline"
+                    (v,) = status_of(d)["roots"][0]["volumes"]
+                    assert v["state"] == want, v
+            except AssertionError as e:
+                (tmp_path / "ops.log").write_text("\n".join(log) + "\n")
+                raise AssertionError(f"{e}\nreplay: --torture-seed={seed}; ops in {tmp_path / 'ops.log'}") from None
+            burst += 1
+        if not volume.mounted:
+            volume.toggle()
+            converge_here("the volume back at the end")
+        assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        FENCED.clear()
+        ns.close()
 
 
 def test_root_replaced_by_an_empty_folder_deletes_nothing(tmp_path: Path, seed: int, started: list[Daemon]) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,14 +34,19 @@ MAX_ENTRIES = 400  # the tree stays small: convergence is checked after every bu
 KEEP = "keep.torture"
 
 
+# Folders no operation goes into, names, moves or deletes, while they are fenced: a volume being
+# unmounted or remounted in the same burst (its content must be what the index last saw).
+FENCED: set[Path] = set()
+
+
 def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """(files, folders, symlinks) below root, sorted, root itself among the folders."""
     files: list[Path] = []
     dirs: list[Path] = [root]
     links: list[Path] = []
     for top, dnames, fnames in os.walk(root):
-        dnames.sort()
-        for name in sorted(dnames + fnames):
+        dnames[:] = sorted(d for d in dnames if Path(top) / d not in FENCED)
+        for name in sorted(dnames + [f for f in fnames if Path(top) / f not in FENCED]):
             p = Path(top) / name
             if name == KEEP and p.parent == root:
                 continue
@@ -403,6 +409,29 @@ class Figures:
 
 
 FIGURES = Figures()
+
+
+@dataclass
+class Volume:
+    """A filesystem image mounted below the root, in the daemon's mount namespace: the operation
+    that unmounts it (the last unmount of its ext4: IN_UNMOUNT on its watches) and mounts it
+    again (on whichever loop device is free, so often another st_dev)."""
+
+    enter: list[str]  # runs a command in the namespace (nsenter -t PID -m --)
+    image: Path
+    point: Path  # as the namespace sees it
+    mounted: bool = True
+
+    def toggle(self) -> str:
+        if self.mounted:
+            cmd = [*self.enter, "umount", str(self.point)]
+        else:
+            cmd = [*self.enter, "mount", "-o", "loop", str(self.image), str(self.point)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+        if result.returncode != 0:
+            return f"{cmd[-2] if self.mounted else 'mount'}: failed: {result.stderr.strip()}"
+        self.mounted = not self.mounted
+        return f"{'mount' if self.mounted else 'umount'} {self.point}"
 
 
 def remove_quietly(path: Path) -> None:

@@ -56,6 +56,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         if r["corrupt"]:
             line += f", {r['corrupt']} corrupt (see `treewatch verify`)"
         print(line)
+        for v in r["volumes"]:
+            why = f" ({v['offline_reason']}; nothing below it is deleted)" if v["offline_reason"] else ""
+            print(f"  volume {v['path']}: {v['state']}{why}, {v['fs_type']} {v['source']}, {v['entries']} entries")
         if r["scan"]:
             s = r["scan"]
             print(f"  scanning ({s['kind']}, {s['step']}): {s['files_done']}/{s['files_queued']} files")

@@ -119,6 +119,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             log.error("root is being scanned by another process", root=where, pid=r.busy_pid)
         if r.offline:
             log.error("root is offline: nothing was deleted", root=where, reason=r.offline)
+        for rel in r.volumes_back:
+            log.info("volume is back online", root=where, path=os.fsdecode(r.root + b"/" + rel))
+        for rel, reason in sorted(r.volumes_offline.items()):
+            log.error("volume is offline: nothing below it was deleted", root=where,
+                      path=os.fsdecode(r.root + b"/" + rel), reason=reason)  # fmt: skip
         if r.device_moved:
             log.warning("root came back with a new device number; same filesystem, adopted", root=where)
         for path, error in sorted(r.errors.items())[:20]:
