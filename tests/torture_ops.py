@@ -48,7 +48,7 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
         dnames[:] = sorted(d for d in dnames if Path(top) / d not in FENCED)
         for name in sorted(dnames + [f for f in fnames if Path(top) / f not in FENCED]):
             p = Path(top) / name
-            if name == KEEP and p.parent == root:
+            if name == KEEP:  # the root's and each volume's: emptied, they would look unmounted
                 continue
             if p.is_symlink():
                 links.append(p)
@@ -149,9 +149,16 @@ def rename_file(rng: random.Random, root: Path, outside: Path) -> str:
     return f"rename {src} -> {dst}"
 
 
+def _removable(dirs: list[Path]) -> list[Path]:
+    """Folders an operation may delete or move away: not the root, not one holding a KEEP file
+    (a volume's mount point: `rm -r` empties it, then fails on the mount, and an emptied volume
+    is offline by design, as an emptied root is)."""
+    return [d for d in dirs[1:] if not (d / KEEP).exists()]
+
+
 def move_folder(rng: random.Random, root: Path, outside: Path) -> str:
     _, dirs, _ = _walk(root)
-    src = _pick(rng, dirs[1:])
+    src = _pick(rng, _removable(dirs))
     _guard(src)
     targets = [d for d in dirs if d != src and src not in d.parents]
     dst = _new_name(rng, _pick(rng, targets))
@@ -161,7 +168,7 @@ def move_folder(rng: random.Random, root: Path, outside: Path) -> str:
 
 def move_out(rng: random.Random, root: Path, outside: Path) -> str:
     files, dirs, _ = _walk(root)
-    src = _pick(rng, files + dirs[1:])
+    src = _pick(rng, files + _removable(dirs))
     _guard(src)
     dst = outside / f"out-{rng.randrange(10**9)}"
     os.rename(src, dst)
@@ -192,7 +199,7 @@ def delete(rng: random.Random, root: Path, outside: Path) -> str:
 
 
 def rmtree(rng: random.Random, root: Path, outside: Path) -> str:
-    p = _pick(rng, _walk(root)[1][1:])
+    p = _pick(rng, _removable(_walk(root)[1]))
     _guard(p)
     shutil.rmtree(p)
     return f"rmtree {p}"
