@@ -180,7 +180,7 @@ def _build_root(db: sqlite3.Connection, writer: _Writer, old_id: int, root_id: i
         counts.entries += 1
         if row["kind"] == Kind.DIR.value:
             folders[path] = entry_id
-        elif row["kind"] == Kind.FILE.value and row["blake3"] is not None:
+        elif row["kind"] == Kind.FILE.value and row["blake3"] is not None and not row["racy"]:
             counts.hashed += 1
 
 
@@ -229,7 +229,7 @@ class _Writer:
         self.entries.append(
             (entry_id, root_id, row["path"], parent_id, row["kind"], row["size"], row["mtime_ns"], row["ctime_ns"],
              row["inode"], row["dev"], row["mode"], row["uid"], row["gid"], row["nlink"], row["blake3"],
-             row["racy"] or 0, row["scheme"] or 0, row["target"], row["xattrs"], seq, row["corrupt_blake3"])
+             1 if row["racy"] else 0, row["scheme"] or 0, row["target"], row["xattrs"], seq, row["corrupt_blake3"])
         )  # fmt: skip
         self.changes.append((seq, entry_id, root_id, Op.ADDED.value, row["kind"], row["path"], None, self.now))
         if len(self.entries) >= CHUNK:
@@ -277,7 +277,7 @@ def _sound_entry(row: dict[str, Any]) -> bool:
 
 def _trust(row: dict[str, Any]) -> bool:
     """Keep of a salvaged row only what the first sync can check or what is vouched for: False
-    when its content hash was dropped (the sync hashes the file again).
+    when its content hash is not vouched for (the sync hashes the file again).
 
     What the sync trusts without reading the disk is the hash (see salvage._vouch), a symlink's
     target and the xattrs. A target cannot be vouched for, but reading it again costs one
@@ -288,7 +288,10 @@ def _trust(row: dict[str, Any]) -> bool:
     if row["xattrs"] is not None and not _xattrs_sound(row["xattrs"]):
         row["xattrs"], row["ctime_ns"] = None, 0
     if row["kind"] == Kind.FILE.value and row["blake3"] is not None and row["hash_vouched"] != 1:
-        row["blake3"], row["racy"] = None, 0
+        # Kept, but racily clean: the sync hashes the file before trusting it, and the feed says
+        # `metadata` when the content is what the row said (the index page was the broken one),
+        # `modified` when the hash was garbage.
+        row["racy"] = 1
         return False
     return True
 

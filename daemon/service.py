@@ -5,6 +5,9 @@ sync has started (a first index can take hours; waiting for it would time the un
 STATUS= a one-line summary, WATCHDOG=1 from the event loop at half of WATCHDOG_USEC (a hung
 loop is restarted; a busy hashing thread does not stop the loop from pinging), RELOADING=1
 with MONOTONIC_USEC on SIGHUP, STOPPING=1 on SIGTERM.
+
+A damaged database (docs/repair.md) stops the scheduler, is repaired in this process, and a new
+scheduler starts; a fatal error ends the process within EXIT_GRACE_S, with one log line.
 """
 
 from __future__ import annotations
