@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,9 @@ class ActiveScan:
     pid: int
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _connect(uri: str) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
@@ -188,11 +192,15 @@ class Index:
             raise IndexError_(f"{path}: cannot be reached: {e.strerror or e}") from None
         try:
             # The database is created without world bits: it lists every file of the library.
-            old_umask = os.umask(0o027)
-            try:
-                self.db = _connect(uri)
-            finally:
-                os.umask(old_umask)
+            # The umask is the process's: two threads opening at once (the daemon's start opens
+            # several connections in parallel) could each restore the other's 027 and leave it
+            # for good, and every file made later (the metrics textfile) without its read bits.
+            with _UMASK_LOCK:
+                old_umask = os.umask(0o027)
+                try:
+                    self.db = _connect(uri)
+                finally:
+                    os.umask(old_umask)
             if not readonly:
                 # Migrate (which refuses a foreign or newer database) before switching to WAL:
                 # journal_mode = WAL rewrites the file's header, and a database that is not
