@@ -85,6 +85,8 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
                 log.info("stopping before the repair; the next start repairs the database")
                 return ExitCode.OK
             await life.repair(config, outcome.damage)
+            if stopped.is_set():
+                return ExitCode.OK  # SIGTERM during the repair, which finished: the next start syncs
             full_sync = True
     except Exception as e:
         # Whatever ends the daemon ends the process, soon, with one line saying why: systemd's
