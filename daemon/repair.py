@@ -146,9 +146,12 @@ def _build(scratch: Path, fresh: Path, *, owner: tuple[int, int, int] | None) ->
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         index.close()
-    if owner is not None and os.geteuid() == 0:
-        os.chown(fresh, owner[0], owner[1])
     if owner is not None:
+        st = os.stat(fresh)
+        if (st.st_uid, st.st_gid) != owner[:2]:
+            # Only when they differ: the unit's SystemCallFilter (~@privileged) refuses chown
+            # even to the owner a file already has, and the daemon owns what it repairs.
+            os.chown(fresh, owner[0], owner[1])
         os.chmod(fresh, owner[2])
     with open(fresh, "rb") as f:
         os.fsync(f.fileno())

@@ -293,3 +293,19 @@ def test_a_repair_that_fails_ends_the_process(tmp_path: Path, library: Path) -> 
         assert db.read_bytes() == before and damaged_files(db) == []
     finally:
         subprocess.run(["umount", "-l", str(space)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the database to another user")
+def test_repair_as_root_keeps_the_owner_and_mode(library: Path, db: Path) -> None:
+    """An administrator's `treewatch repair` as root leaves the service's user an index it can
+    write: the new file takes the damaged one's owner and mode."""
+    indexed_db(library, db, 61)
+    damage(db, 61)
+    shutil.chown(db, "nobody", "nogroup")
+    db.chmod(0o600)
+    before = db.stat()
+    done = cli(db, "repair")
+    assert "repaired" in done.stdout, done
+    after = db.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert after.st_ino != before.st_ino
