@@ -35,6 +35,9 @@ START_EXTEND_S = 10.0
 PUBLISH_EVERY_S = 1.0
 # A daemon that fails ends its process within this long, even if a thread will not stop.
 EXIT_GRACE_S = 3.0
+# More repairs than this within the window and the daemon gives up (exit 1): the disk is failing.
+REPAIRS_MAX = 3
+REPAIR_WINDOW_S = 3600.0
 
 
 def notify(message: str) -> None:
@@ -74,6 +77,7 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
     loop.add_signal_handler(signal.SIGINT, stopped.set)
     loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
     life = _Life(reload_config, stopped, reloads)
+    repairs: list[float] = []  # when this process repaired the database (monotonic)
     try:
         full_sync = False
         while True:
@@ -84,6 +88,12 @@ async def _serve(config: Config, reload_config: Callable[[], Config]) -> int:
             if stopped.is_set():
                 log.info("stopping before the repair; the next start repairs the database")
                 return ExitCode.OK
+            repairs = [t for t in repairs if t > time.monotonic() - REPAIR_WINDOW_S] + [time.monotonic()]
+            if len(repairs) > REPAIRS_MAX:
+                # A disk that damages every new index as fast as it is made: repairing again
+                # would only fill the folder with damaged copies. Say so and let the admin look.
+                raise RuntimeError(f"the database was damaged again after {REPAIRS_MAX} repairs within"
+                                   f" {REPAIR_WINDOW_S / 60:.0f} minutes: is the disk failing?")  # fmt: skip
             await life.repair(config, outcome.damage)
             if stopped.is_set():
                 return ExitCode.OK  # SIGTERM during the repair, which finished: the next start syncs
