@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import __version__, logs
-from daemon.commands import feed, query, sync, tools
-from daemon.commands.shared import Fail, Parser, close_opened, load_config
-from daemon.config import ConfigError
+from daemon.commands import feed, query, repair, sync, tools
+from daemon.commands.shared import Fail, Parser, close_opened, damaged_database, load_config
+from daemon.config import Config, ConfigError
 from daemon.model import ExitCode
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ REGISTER: tuple[Callable[[Subcommands], None], ...] = (
     query.register,  # status, ls, check-config
     feed.register,  # changes, snapshot
     tools.register,  # dupes, verify, rebuild
+    repair.register,  # repair
 )
 
 
@@ -54,6 +55,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    config: Config | None = None
     try:
         args = build_parser().parse_args(argv)
         config = load_config(args)
@@ -73,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.OK
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # A query that reached a broken page of the database: one line saying what to do, as
+        # at open (Index), never a traceback. Anything else is a bug, and its traceback helps.
+        failure = damaged_database(e, config.database) if config is not None else None
+        if failure is None:
+            raise
+        print(f"treewatch: {failure}", file=sys.stderr)
+        return failure.code
     finally:
         # The process exits next. The interpreter's exit runs full garbage collections over
         # every object the imports made (~6 ms, a tenth of a `scan` of a small tree); frozen,

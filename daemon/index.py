@@ -44,6 +44,35 @@ class IndexError_(Exception):
     """The database cannot be used: the message names the file and the reason."""
 
 
+# SQLite's primary result codes for a file that is not a sound database (https://sqlite.org/rescode.html):
+# SQLITE_CORRUPT ("database disk image is malformed") and SQLITE_NOTADB ("file is not a database").
+# An extended code (SQLITE_CORRUPT_INDEX, ...) carries its primary code in its low byte.
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+# What to do about it, said by every command that meets one (docs/repair.md).
+REPAIR_ADVICE = "run `treewatch repair` (a daemon that starts on it repairs it by itself)"
+
+
+class DamagedError(IndexError_):
+    """The file is damaged, or not an SQLite database at all: `treewatch repair` and the daemon
+    move it aside and build a new index from what can be salvaged (daemon/repair.py)."""
+
+    def __init__(self, path: Path, said: str) -> None:
+        super().__init__(f'{path}: the database is damaged (SQLite: "{said}"); {REPAIR_ADVICE}')
+        self.path = path
+        self.said = said  # SQLite's own words
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether an error says the database file is damaged (not busy, full, or read-only)."""
+    if isinstance(e, DamagedError):
+        return True
+    return isinstance(e, sqlite3.DatabaseError) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (
+        SQLITE_CORRUPT,
+        SQLITE_NOTADB,
+    )
+
+
 def under_sql(column: str) -> str:
     """SQL for "column is :p or below it", with :lo and :hi from `subtree_bounds` (memcmp order).
 
@@ -123,6 +152,39 @@ def _connect(uri: str) -> sqlite3.Connection:
     return db
 
 
+def readonly_uri(path: Path) -> str:
+    """A URI that reads ``path`` and writes nothing beside it. A read-only connection to a WAL
+    database creates its -wal and -shm when they are missing, and cannot remove them when it
+    closes; with no WAL there is no other connection and nothing to merge, and SQLite is told
+    so (immutable=1: https://sqlite.org/uri.html#uriimmutable)."""
+    if Path(str(path) + "-wal").exists():
+        return f"file:{path}?mode=ro"
+    return f"file:{path}?mode=ro&immutable=1"
+
+
+def check_file(path: Path, *, thorough: bool = False) -> str | None:
+    """None when SQLite finds the database sound, else what it found, in its words.
+
+    quick_check reads every page and checks each B-tree's structure; integrity_check also
+    matches every index against its table, which finds a stale page a lying disk cache left
+    behind, at several times the cost (https://sqlite.org/pragma.html#pragma_integrity_check).
+    Read-only, with no migration: nothing is written into a file that may be damaged."""
+    try:
+        db = _connect(readonly_uri(path))
+        try:
+            rows = db.execute("PRAGMA integrity_check" if thorough else "PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        if is_damage(e):
+            return str(e)
+        raise
+    findings = [str(r[0]) for r in rows]
+    if findings == ["ok"]:
+        return None
+    return "; ".join(findings[:3]) + (f" (and {len(findings) - 3} more)" if len(findings) > 3 else "")
+
+
 class Index:
     """A connection to the index database. One per thread; cheap to open."""
 
@@ -178,6 +240,10 @@ class Index:
                     Index(path).close()
                     self.db = _connect(uri)
         except sqlite3.DatabaseError as e:
+            if hasattr(self, "db"):
+                self.db.close()  # a failed open leaves no connection behind (nor its WAL)
+            if is_damage(e):
+                raise DamagedError(path, str(e)) from None
             raise IndexError_(f"{path}: {_describe(e)}") from None
 
     def close(self) -> None:
@@ -425,8 +491,6 @@ class Index:
 
 def _describe(e: sqlite3.DatabaseError) -> str:
     text = str(e)
-    if "file is not a database" in text:
-        return "not an SQLite database (corrupt, or another kind of file)"
     if "unable to open" in text:
         return "cannot be opened (missing folder or permission denied)"
     if "readonly" in text:

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
 from daemon.filters import Excluder
-from daemon.index import AsyncIndex, Index
+from daemon.index import AsyncIndex, DamagedError, Index, check_file, is_damage
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
 from daemon.model import Mount, Op, ScanKind, ScanReport, ScanScope, is_within, join
@@ -132,9 +133,12 @@ def _same(m: Mount | None) -> tuple[int, str, bytes, str, str] | None:
 
 
 class Scheduler:
-    def __init__(self, config: Config, stop: threading.Event) -> None:
+    def __init__(self, config: Config, stop: threading.Event, *, full_sync: bool = False) -> None:
         self.config = config
         self.stop = stop
+        # Every root gets a full sync at start, whatever [sync] startup says: the index was just
+        # rebuilt from a salvage and only a sync makes it true again (docs/repair.md).
+        self.full_sync = full_sync
         self.log = logs.get()
         self.roots: dict[bytes, RootRuntime] = {}
         self.pool = ThreadPoolExecutor(config.sync.hash_workers, thread_name_prefix="hash")
@@ -153,6 +157,12 @@ class Scheduler:
         self.mount_watcher: MountWatcher | None = None
         self.table: list[Mount] = []  # the mount table as last read
         self.mount_tasks: set[asyncio.Task[None]] = set()
+        # Set once a read or a commit finds the database damaged: the service stops this
+        # scheduler, repairs the database and starts a new one (service._serve).
+        self.damage: str | None = None
+        self.damaged = asyncio.Event()
+        self.check_task: asyncio.Task[None] | None = None
+        self.drained = False
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -174,6 +184,7 @@ class Scheduler:
         self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
         self.guard_task = asyncio.create_task(self._guard(), name="guard")
         self.prune_task = asyncio.create_task(self._prune(), name="prune")
+        self.check_task = asyncio.create_task(self._check_database(), name="check")
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -188,7 +199,7 @@ class Scheduler:
             kind, _, done, queued = interrupted
             self.log.info("resuming an interrupted scan", root=rt.path, kind=kind, files_done=done, files_queued=queued)
             rt.aggregator.rescan_root(now)
-        elif self.config.sync.startup:
+        elif self.config.sync.startup or self.full_sync:
             rt.aggregator.rescan_root(now)
         if self.config.sync.full_interval_s > 0:
             # Count from the last full sync the database remembers, so a daemon restarted
@@ -230,14 +241,31 @@ class Scheduler:
                 rt.wake.set()
         self.log.info("configuration reloaded", roots=len(self.roots), source=config.source)
 
+    def note_damage(self, error: BaseException, where: str) -> bool:
+        """Whether ``error`` says the database is damaged. The first such error stops the scans
+        (each at its next file, so nothing more is written to a damaged file) and tells the
+        service, which repairs it; retrying would only meet the same broken page again."""
+        if not is_damage(error):
+            return False
+        if self.damage is None:
+            self.damage = error.said if isinstance(error, DamagedError) else str(error)
+            self.log.error("the database is damaged; stopping to repair it", database=str(self.config.database),
+                           reason=self.damage, where=where, message_id=MessageId.DAMAGED)  # fmt: skip
+            self.stop.set()
+            self.damaged.set()
+        return True
+
     async def drain(self) -> None:
-        """SIGTERM: the scans in flight commit their batch and stop; watchers stop."""
+        """SIGTERM: the scans in flight commit their batch and stop; watchers stop. Once."""
+        if self.drained:
+            return
+        self.drained = True
         self.stop.set()
         if self.mount_watcher is not None:
             await asyncio.to_thread(self.mount_watcher.stop)
         for rt in self.roots.values():
             rt.wake.set()
-        helpers = (self.metrics_task, self.guard_task, self.prune_task)
+        helpers = (self.metrics_task, self.guard_task, self.prune_task, self.check_task)
         for task in (*helpers, *self.mount_tasks):
             if task is not None:
                 task.cancel()  # they only sleep between runs; a rebuild stops at its next batch
@@ -249,16 +277,40 @@ class Scheduler:
             if rt.watcher is not None:
                 await asyncio.to_thread(rt.watcher.stop)
             rt.index.close()
-        await self.flush_counters()
+        if self.damage is None:
+            await self.flush_counters()  # not into a damaged file: the repair starts them again
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     async def close(self) -> None:
         await self.db.close()
 
+    async def shutdown(self, last: Callable[[Scheduler], Awaitable[None]] | None = None) -> None:
+        """Drain, write ``last`` (the daemon's final row) unless the database is damaged, close:
+        also after a start that failed half-way. Each step is tried, so that no thread (the
+        watchers' observers, the aiosqlite connection's, the hash pool's) is left running to
+        keep the process alive."""
+
+        async def last_words() -> None:
+            if last is not None and self.damage is None:
+                await last(self)
+
+        for step in (self.drain, last_words, self.close):
+            try:
+                await step()
+            except Exception as e:
+                self.log.warning("while shutting down", step=step.__name__, reason=f"{type(e).__name__}: {e}")
+
     # --- background work ---------------------------------------------------------------
 
     async def _rebuild(self) -> None:
         """After an upgrade that changed what the index derives, re-derive it by itself."""
+        try:
+            await self._rebuild_once()
+        except Exception as e:
+            if not self.note_damage(e, "rebuild"):
+                self.log.exception("rebuild failed; it resumes at the next start", reason=str(e))
+
+    async def _rebuild_once(self) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
         try:
             pending = await asyncio.to_thread(needs_rebuild, index)
@@ -280,6 +332,18 @@ class Scheduler:
             self.rebuilding = False
             index.close()
 
+    async def _check_database(self) -> None:
+        """Read every page of the database once per start (SQLite's quick_check), beside the
+        scans: damage in pages the daemon itself seldom reads (the feed's older rows, a folder
+        never changed) is found and repaired now, not by a consumer's `changes` months later."""
+        try:
+            problem = await asyncio.to_thread(check_file, self.config.database)
+            if problem is not None:
+                raise DamagedError(self.config.database, problem)
+        except Exception as e:
+            if not self.note_damage(e, "start-up check"):
+                self.log.warning("cannot check the database", reason=f"{type(e).__name__}: {e}")
+
     async def _metrics(self) -> None:
         """node_exporter's textfile collector, rewritten atomically every interval."""
         textfile = self.config.metrics.textfile
@@ -292,7 +356,11 @@ class Scheduler:
                 try:
                     await asyncio.to_thread(write_textfile, index, self.config, textfile)
                     failing = False
-                except OSError as e:
+                except Exception as e:
+                    if self.note_damage(e, "metrics"):
+                        return
+                    if not isinstance(e, OSError):
+                        raise
                     if not failing:  # once per failure streak, not every interval
                         self.log.warning("cannot write the metrics file", path=str(textfile), reason=str(e))
                     failing = True
@@ -311,6 +379,8 @@ class Scheduler:
                     if removed:
                         self.log.debug("feed pruned", rows=removed)
                 except sqlite3.Error as e:  # busy past the timeout, disk full: next time
+                    if self.note_damage(e, "feed retention"):
+                        return
                     self.log.warning("cannot prune the change feed", reason=str(e))
                 await asyncio.sleep(feed.prune_interval(self.config.feed))
         finally:
@@ -566,6 +636,8 @@ class Scheduler:
             # waits for it through rt.in_flight.
             report = await asyncio.shield(rt.in_flight)
         except Exception as e:  # a bug or a database failure must not kill the other roots
+            if self.note_damage(e, f"scan of {os.fsdecode(rt.path)}"):
+                return
             self.log.exception("scan failed", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
             rt.failures += 1
             delay = min(SCAN_RETRY_MAX_S, SCAN_RETRY_S * 2 ** min(rt.failures - 1, 16))
@@ -579,6 +651,8 @@ class Scheduler:
         try:
             await self._after_scan(rt, report)
         except Exception as e:  # the worker must outlive a failure to log or re-place watches
+            if self.note_damage(e, f"after a scan of {os.fsdecode(rt.path)}"):
+                return
             self.log.exception("after a scan", root=rt.path, reason=str(e), message_id=MessageId.SCAN_ERROR)
 
     async def _after_scan(self, rt: RootRuntime, report: ScanReport) -> None:

@@ -547,6 +547,35 @@ def test_unit_starts_with_a_root_missing(service: Service) -> None:
     service.wait_entry(MessageId.ROOT_OFFLINE, root=str(root))
 
 
+def test_unit_repairs_a_damaged_database_in_place(service: Service) -> None:
+    """Leaves of the index overwritten while the service was stopped: under the unit's sandbox
+    the daemon sets the file aside in its state directory, salvages it and goes on, without a
+    restart; the journal has both entries with the damaged file's path and the counts."""
+    root = make_tree(service.dir / "photos", 400)
+    write_config(service.config, service.db, [root])
+    service.install([root])
+    assert service.manager.ctl("start", UNIT).returncode == 0, service.diagnostics()
+    wait_until(lambda: (r := root_status(service.db, root)) and r["files"] == 400, 30, "the first sync")
+    assert service.manager.ctl("stop", UNIT).returncode == 0
+    con = sqlite3.connect(f"file:{service.db}?mode=ro", uri=True)
+    pages = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'entries' AND pagetype = 'leaf'")]
+    con.close()
+    with service.db.open("r+b") as f:
+        f.seek((pages[len(pages) // 2] - 1) * 4096)
+        f.write(os.urandom(4096))
+
+    assert service.manager.ctl("start", UNIT).returncode == 0, service.diagnostics()
+    damaged = service.wait_entry(MessageId.DAMAGED, database=str(service.db))
+    assert "malformed" in damaged["TREEWATCH_REASON"] and damaged["PRIORITY"] == "3"
+    repaired = service.wait_entry(MessageId.REPAIRED, database=str(service.db))
+    kept = Path(repaired["TREEWATCH_DAMAGED"])
+    assert kept.parent == service.db.parent and kept.name.startswith(service.db.name + ".damaged-") and kept.exists()
+    assert 0 < int(repaired["TREEWATCH_ENTRIES"]) < 402 and int(repaired["TREEWATCH_HASHED"]) > 300, repaired
+    wait_until(lambda: indexed_paths(service.db, root) == {str(p) for p in root.rglob("*")}, 30, "the sync")
+    st = service.state()
+    assert (st.sub, st.n_restarts) == ("running", 0), st.raw
+
+
 def test_unit_bad_config_exits_78_and_is_not_restarted(service: Service) -> None:
     """A configuration error is EX_CONFIG (78), which RestartPreventExitStatus= keeps from a restart loop."""
     root = make_tree(service.dir / "photos", 1)

@@ -58,15 +58,33 @@ def load_config(args: argparse.Namespace) -> Config:
 _OPENED: list[Index] = []
 
 
-def open_index(config: Config, *, readonly: bool = False) -> Index:
-    from daemon.index import Index, IndexError_
+def open_index(config: Config, *, readonly: bool = False, damaged_ok: bool = False) -> Index:
+    """The index, or a Fail with its one line; with ``damaged_ok``, a damaged database raises
+    DamagedError for the caller to handle (`run` repairs it)."""
+    from daemon.index import DamagedError, Index, IndexError_
 
     try:
         index = Index(config.database, readonly=readonly)
+    except DamagedError:
+        if damaged_ok:
+            raise
+        raise Fail(str(sys.exc_info()[1])) from None
     except IndexError_ as e:
         raise Fail(str(e)) from None
     _OPENED.append(index)
     return index
+
+
+def damaged_database(e: BaseException, database: Path) -> Fail | None:
+    """The one line for a damaged database that a command met while reading it (a query that
+    reached a broken page), or None when ``e`` is about something else."""
+    if "sqlite3" not in sys.modules:
+        return None  # nothing opened the index: the error cannot come from it
+    from daemon.index import DamagedError, is_damage
+
+    if not is_damage(e):
+        return None
+    return Fail(str(e if isinstance(e, DamagedError) else DamagedError(database, str(e))))
 
 
 def close_opened() -> None:

@@ -137,9 +137,19 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from daemon.index import DamagedError, is_damage
     from daemon.service import run_daemon  # the daemon's imports are not needed by the queries
 
-    index = open_index(config)
-    check_roots(config, index)
-    index.close()
+    try:
+        index = open_index(config, damaged_ok=True)
+    except DamagedError:
+        index = None  # the daemon repairs it first, under its lock (docs/repair.md)
+    if index is not None:
+        try:
+            check_roots(config, index)
+        except Exception as e:
+            if not is_damage(e):
+                raise
+        finally:
+            index.close()
     return run_daemon(config, lambda: load_config(args))
