@@ -1,0 +1,276 @@
+"""Replication of one box's index into the fleet catalogue, with an exactly-once effect.
+
+The feed is the boundary, as in change-data-capture into a sink: a snapshot, then the stream,
+each applied idempotently (docs/fleet.md, "How it stays exact").
+
+- One catch-up is one PostgreSQL transaction: it locks the box's row, reads where the catalogue
+  stands (epoch, load, seq), and inside one SQLite read transaction of the box either loads a
+  snapshot or applies every feed row since that seq up to the head — the state each changed path
+  is left in, as of the head — then sets the box's seq to the head with a compare-and-set. Killed
+  at any point, the transaction rolls back: the catalogue is the box's index as of the old seq or
+  the new one. A batch delivered twice (two replicators of one box) finds the seq moved and
+  applies nothing.
+- A snapshot goes in under a new load id beside the rows it replaces, which are removed in the
+  same transaction after the box's row points at the new load: readers see the old rows or the
+  new ones, never none and never both. It is taken for a new box, a new epoch (the box's database
+  was rebuilt), a cursor older than the box's feed still holds, or one ahead of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon import feed, fs
+from daemon.catalogue import ENTRY_COLUMNS, ENTRY_TYPES, CatalogueError, reason, redact
+from daemon.index import Index
+from daemon.replica_source import ReplicaSource, Row
+
+if TYPE_CHECKING:
+    import psycopg
+
+# Feed rows read, looked up and sent per round trip of a stream (all in one transaction).
+CHUNK = 5000
+# A snapshot checks for a stop request this often (rows), and then rolls back.
+STOP_EVERY = 20_000
+# A follower that saw no change asks the catalogue where it stands this often anyway: that is
+# how a catalogue that went away while the box was idle is noticed.
+PROBE_S = 30.0
+# The catalogue's copy of a box's feed history is pruned at most this often.
+PRUNE_CHANGES_EVERY_S = 600.0
+
+_COLUMNS = ", ".join(ENTRY_COLUMNS)
+_UPSERT = (
+    f"INSERT INTO treewatch.entries (box, load_id, {_COLUMNS})"
+    f" SELECT %s, %s, u.* FROM unnest({', '.join(f'%s::{t}[]' for t in ENTRY_TYPES)}) AS u"
+    " ON CONFLICT (box, load_id, root, path) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ENTRY_COLUMNS[2:])
+)
+_DELETE = (
+    "DELETE FROM treewatch.entries e USING unnest(%s::bytea[], %s::bytea[]) AS d(root, path)"
+    " WHERE e.box = %s AND e.load_id = %s AND e.root = d.root AND e.path = d.path"
+)
+_HISTORY = (
+    "INSERT INTO treewatch.changes (box, epoch, seq, op, kind, root, path, old_path, at)"
+    " SELECT %s, %s, c.seq, c.op, c.kind, c.root, c.path, c.old_path, to_timestamp(c.at)"
+    " FROM unnest(%s::int8[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %s::float8[])"
+    " AS c(seq, op, kind, root, path, old_path, at)"
+)
+
+
+class Stopped(Exception):
+    """A stop was asked for in the middle of a batch: it was rolled back, nothing is half-done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where the catalogue stands for a box."""
+
+    epoch: str
+    load_id: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one catch-up did."""
+
+    box: str
+    epoch: str
+    seq: int  # the box's feed seq the catalogue now holds
+    action: str  # "snapshot" | "stream" | "none"
+    reason: str | None  # why a snapshot: "new", "epoch", "expired", "ahead"
+    rows: int  # entries loaded, or feed rows applied
+    seconds: float
+
+
+def snapshot_reason(position: Position | None, state: feed.FeedState) -> str | None:
+    """Why the catalogue must load a snapshot of the box rather than its feed, or None."""
+    if position is None:
+        return "new"
+    return feed.cursor_reset(state, position.seq, position.epoch)
+
+
+class Replicator:
+    """Sends one box's index (a database file) to the catalogue at ``url``, on ``conn``."""
+
+    def __init__(self, conn: psycopg.Connection[Any], url: str, box: str, database: Path) -> None:
+        self.conn = conn
+        self.url = url
+        self.box = box
+        self.database = database
+        self.index = Index(database, readonly=True)
+        self.identity = fs.identity(database)
+        self.last_prune = 0.0
+
+    def close(self) -> None:
+        self.index.close()
+
+    def _reopen_if_replaced(self) -> None:
+        """A database deleted and made again (a new epoch) is read from its new file."""
+        now = fs.identity(self.database)
+        if now is not None and now != self.identity:
+            self.index.close()
+            self.index = Index(self.database, readonly=True)
+            self.identity = now
+
+    def head(self) -> feed.FeedState:
+        self._reopen_if_replaced()
+        return feed.state(self.index)
+
+    def catch_up(self, stop: threading.Event | None = None) -> Applied:
+        """Bring the catalogue to the box's feed head, in one transaction (see the module's doc)."""
+        import psycopg
+
+        self._reopen_if_replaced()
+        started = time.monotonic()
+        source = ReplicaSource(self.index)
+        try:
+            with source.reading() as state, self.conn.transaction(), self.conn.cursor() as cur:
+                position = _lock_box(cur, self.box)
+                why = snapshot_reason(position, state)
+                if why is not None:
+                    rows = _load_snapshot(cur, self.box, state, source, stop)
+                    action = "snapshot"
+                elif position is not None and position.seq < state.seq:
+                    rows = _apply_stream(cur, self.box, position, state, source, stop)
+                    action = "stream"
+                else:
+                    rows, action = 0, "none"
+        except psycopg.Error as e:
+            raise CatalogueError(f"catalogue {redact(self.url)}: {reason(e, self.url)}") from None
+        return Applied(self.box, state.epoch, state.seq, action, why, rows, time.monotonic() - started)
+
+    def prune_history(self, keep_s: float) -> None:
+        """Drop the catalogue's copy of this box's feed rows older than the box keeps its own."""
+        if keep_s <= 0 or time.monotonic() - self.last_prune < PRUNE_CHANGES_EVERY_S:
+            return
+        import psycopg
+
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                cur.execute(
+                    "DELETE FROM treewatch.changes WHERE box = %s AND at < now() - make_interval(secs => %s)",
+                    (self.box, keep_s),
+                )
+        except psycopg.Error as e:
+            raise CatalogueError(f"catalogue {redact(self.url)}: {reason(e, self.url)}") from None
+        self.last_prune = time.monotonic()
+
+    def follow(self, stop: threading.Event, applied: Callable[[Applied], None], keep_s: float = 0.0) -> None:
+        """Keep the catalogue caught up until ``stop``: a catch-up whenever the box's database
+        changes (feed.Waker), and a probe of the catalogue every PROBE_S while it does not.
+        Raises CatalogueError when the catalogue fails; the caller decides whether to retry."""
+        last: Applied | None = None
+        probed = time.monotonic()
+        with feed.Waker(self.database) as waker:
+            while not stop.is_set():
+                waker.clear()
+                state = self.head()
+                due = time.monotonic() - probed >= PROBE_S
+                if last is None or due or (state.epoch, state.seq) != (last.epoch, last.seq):
+                    try:
+                        last = self.catch_up(stop)
+                    except Stopped:
+                        return
+                    probed = time.monotonic()
+                    applied(last)
+                    self.prune_history(keep_s)
+                    if last.action != "none":
+                        continue  # what was committed meanwhile is sent before waiting
+                waker.wait()
+
+
+def _lock_box(cur: psycopg.Cursor[Any], box: str) -> Position | None:
+    """Lock the box's row for this transaction (a placeholder for a new box, never committed as
+    such): a second replicator of the same box waits here, then sees where the first left it."""
+    cur.execute("INSERT INTO treewatch.boxes VALUES (%s, '', 0, 0, now(), now()) ON CONFLICT (box) DO NOTHING", (box,))
+    cur.execute("SELECT epoch, load_id, seq FROM treewatch.boxes WHERE box = %s FOR UPDATE", (box,))
+    row = cur.fetchone()
+    assert row is not None
+    return None if row[0] == "" else Position(row[0], int(row[1]), int(row[2]))
+
+
+def _load_snapshot(
+    cur: psycopg.Cursor[Any], box: str, state: feed.FeedState, source: ReplicaSource, stop: threading.Event | None
+) -> int:
+    cur.execute("SELECT nextval('treewatch.loads')")
+    row = cur.fetchone()
+    assert row is not None
+    load_id = int(row[0])
+    rows = 0
+    with cur.copy(f"COPY treewatch.entries (box, load_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "int8", *ENTRY_TYPES])
+        for entry in source.entries(box, load_id):
+            copy.write_row(entry)
+            rows += 1
+            if rows % STOP_EVERY == 0 and stop is not None and stop.is_set():
+                raise Stopped
+    cur.execute(
+        "UPDATE treewatch.boxes SET epoch = %s, load_id = %s, seq = %s, loaded_at = now(), applied_at = now()"
+        " WHERE box = %s",
+        (state.epoch, load_id, state.seq, box),
+    )
+    # The rows of the load this one replaces: gone in the same transaction that makes it current.
+    cur.execute("DELETE FROM treewatch.entries WHERE box = %s AND load_id <> %s", (box, load_id))
+    return rows
+
+
+def _apply_stream(
+    cur: psycopg.Cursor[Any],
+    box: str,
+    position: Position,
+    state: feed.FeedState,
+    source: ReplicaSource,
+    stop: threading.Event | None,
+) -> int:
+    """Every feed row in (position.seq, state.seq], as the state of each path it names at
+    state.seq: an upsert where an entry is, a delete where none is. Order within the run does
+    not matter — each path's final state is read, not replayed — so a path named by several rows
+    (renamed away and back, modified twice) is sent once per chunk with what it is now."""
+    applied = 0
+    for page in source.changes(position.seq, state.seq, CHUNK):
+        roots: dict[int, bytes] = {}
+        keys: dict[tuple[int, bytes], None] = {}
+        for _seq, _op, _kind, root_id, root, path, old_path, _at in page:
+            roots[root_id] = root
+            keys[(root_id, path)] = None
+            if old_path is not None:
+                keys[(root_id, old_path)] = None
+        upserts: list[Row] = []
+        deletes: list[tuple[bytes, bytes]] = []
+        for root_id, path, entry in source.current(keys):
+            if entry is None:
+                deletes.append((roots[root_id], path))
+            else:
+                upserts.append((*entry[:15], bool(entry[15]), *entry[16:]))
+        if upserts:
+            cur.execute(_UPSERT, (box, position.load_id, *_columns(upserts, len(ENTRY_COLUMNS))))
+        if deletes:
+            cur.execute(_DELETE, (*_columns(deletes, 2), box, position.load_id))
+        history = [(seq, op, kind, root, path, old, at) for seq, op, kind, _, root, path, old, at in page]
+        cur.execute(_HISTORY, (box, state.epoch, *_columns(history, 7)))
+        applied += len(page)
+        if stop is not None and stop.is_set():
+            raise Stopped
+    # The compare-and-set that makes the batch count once: the row is locked by this transaction,
+    # so it holds unless the box's row was changed under the lock (it cannot be) — an assertion of
+    # the invariant, not a race handled.
+    cur.execute(
+        "UPDATE treewatch.boxes SET seq = %s, applied_at = now() WHERE box = %s AND load_id = %s AND seq = %s",
+        (state.seq, box, position.load_id, position.seq),
+    )
+    if cur.rowcount != 1:
+        raise CatalogueError(f"box {box}: its position in the catalogue moved during a batch; nothing was applied")
+    return applied
+
+
+def _columns(rows: list[Any], width: int) -> list[list[Any]]:
+    """Rows as columns: what unnest() takes back apart into rows on the server."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
