@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import __version__, logs
-from daemon.commands import feed, query, sync, tools
+from daemon.commands import feed, fleet, query, sync, tools
 from daemon.commands.shared import Fail, Parser, close_opened, load_config
 from daemon.config import ConfigError
 from daemon.model import ExitCode
@@ -37,6 +37,7 @@ REGISTER: tuple[Callable[[Subcommands], None], ...] = (
     query.register,  # status, ls, check-config
     feed.register,  # changes, snapshot
     tools.register,  # dupes, verify, rebuild
+    fleet.register,  # replicate, fleet
 )
 
 
