@@ -36,6 +36,8 @@ class MessageId:
     STOPPED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b08"
     ROUND_LATE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b09"
     WORKER_ENDED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0a"
+    CATALOGUE_DOWN = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0f"
+    CATALOGUE_BACK = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b10"
 
 
 class JournalRenderer:

@@ -16,13 +16,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import feed, fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
-from daemon.index import AsyncIndex, Index
+from daemon.index import AsyncIndex, Index, ReplicationRow
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
 from daemon.model import Op, ScanKind, ScanReport, ScanScope, join
@@ -31,6 +31,9 @@ from daemon.rebuild import needs_rebuild, rebuild
 from daemon.rules import HASH_SCHEME
 from daemon.scan import scan
 from daemon.watch import RootWatcher
+
+if TYPE_CHECKING:
+    from daemon.replication import Replication
 
 # How often an offline root is looked at again (its watches are gone with the mount).
 OFFLINE_RECHECK_S = 30.0
@@ -110,6 +113,7 @@ class Scheduler:
         self.metrics_task: asyncio.Task[None] | None = None
         self.guard_task: asyncio.Task[None] | None = None
         self.prune_task: asyncio.Task[None] | None = None
+        self.replication: Replication | None = None  # [replicate]: the thread that feeds the catalogue
         # Monotonic event times -> wall-clock times for `status`: one offset, so a published
         # time does not move (and cause a write) every time it is computed.
         self.wall_offset = time.time() - time.monotonic()
@@ -127,6 +131,7 @@ class Scheduler:
         self.metrics_task = asyncio.create_task(self._metrics(), name="metrics")
         self.guard_task = asyncio.create_task(self._guard(), name="guard")
         self.prune_task = asyncio.create_task(self._prune(), name="prune")
+        await self._start_replication()
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -173,6 +178,9 @@ class Scheduler:
         for path, root in wanted.items():
             if path not in self.roots:
                 await self.add_root(root)
+        if config.replicate != old.replicate or (config.replicate.url and config.feed != old.feed):
+            await self._stop_replication()
+            await self._start_replication()
         if config.watch != old.watch:
             for rt in self.roots.values():
                 # A new window applies to what arrives from now on; what was pending is covered
@@ -194,6 +202,8 @@ class Scheduler:
         tasks = [rt.task for rt in self.roots.values() if rt.task is not None]
         tasks += [t for t in (self.rebuild_task, *helpers) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.replication is not None:
+            await asyncio.to_thread(self.replication.close)  # a batch in flight rolls back
         for rt in self.roots.values():
             if rt.watcher is not None:
                 await asyncio.to_thread(rt.watcher.stop)
@@ -249,6 +259,30 @@ class Scheduler:
         finally:
             index.close()
 
+    async def _start_replication(self) -> None:
+        """`[replicate]`: a thread that keeps the fleet catalogue caught up (replication.py)."""
+        if self.config.replicate.url is None:
+            self.replication = None
+            await self.db.set_replication(None)  # what `status` showed of an earlier configuration
+            return
+        from daemon.replication import Replication  # with it the catalogue's modules, only when asked for
+
+        published = await asyncio.to_thread(self._published_replication)
+        self.replication = Replication(self.config, published)
+        self.replication.start()
+
+    def _published_replication(self) -> ReplicationRow | None:
+        index = Index(self.config.database)
+        try:
+            return index.replication()
+        finally:
+            index.close()
+
+    async def _stop_replication(self) -> None:
+        if self.replication is not None:
+            await asyncio.to_thread(self.replication.close)
+            self.replication = None
+
     async def _prune(self) -> None:
         """The feed's retention ([feed]): what is older than its window, or beyond its row cap,
         goes, in small transactions on a connection of its own (feed.prune)."""
@@ -256,7 +290,9 @@ class Scheduler:
         try:
             while not self.stop.is_set():
                 try:
-                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed)
+                    # Rows the catalogue has not taken yet stay past their age (docs/fleet.md).
+                    hold = self.replication.hold() if self.replication is not None else None
+                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed, hold=hold)
                     if removed:
                         self.log.debug("feed pruned", rows=removed)
                 except sqlite3.Error as e:  # busy past the timeout, disk full: next time
@@ -564,9 +600,12 @@ class Scheduler:
         # showed "1 pending" forever. Torture seed 20261202.)
         activity = self.activity()
         roots = tuple((rt.path, *self._pending_state(rt)) for rt in self.roots.values())
-        snapshot = (state, activity, roots)
+        replication = self.replication.state if self.replication is not None else None
+        snapshot = (state, activity, roots, replication)
         if snapshot != self.published:
             await self.db.heartbeat(pid, started_at, state, activity)
+            if replication is not None and (not self.published or self.published[3] != replication):
+                await self.db.set_replication(replication)
             for path, pending, observer, since, paths in roots:
                 await self.db.root_runtime(
                     path, pending=pending, observer=observer, pending_since=since, pending_paths=paths
