@@ -37,6 +37,11 @@ BAD = [
     ("section not a table", "watch = 3\n", ["watch"]),
     ("roots not tables", 'roots = ["/srv/a"]\n', ["roots"]),
     ("not TOML", "[watch\n", ["TOML"]),
+    ("replicate without url", '[replicate]\nbox = "nas"\n', ["replicate", "url"]),
+    ("replicate url empty", '[replicate]\nurl = " "\n', ["replicate.url", "empty"]),
+    ("replicate url not a string", "[replicate]\nurl = 5432\n", ["replicate.url"]),
+    ("replicate bad box", '[replicate]\nurl = "postgresql://nas/fleet"\nbox = "my box"\n', ["replicate.box"]),
+    ("replicate unknown key", '[replicate]\nurl = "postgresql://nas/fleet"\npassword = "x"\n', ["password"]),
 ]
 
 
@@ -97,6 +102,19 @@ def test_check_config_ok(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout and str(tmp_path / "a") in result.stdout
     assert not (tmp_path / "x.db").exists()  # checking the configuration writes nothing
+
+
+def test_replicate_section_is_read_and_the_box_defaults_to_the_host_name(tmp_path: Path) -> None:
+    import socket
+
+    from daemon.config import parse
+
+    config = parse({"replicate": {"url": "host=/run/postgresql dbname=fleet"}}, "t.toml")
+    assert config.replicate.url == "host=/run/postgresql dbname=fleet"
+    assert config.replicate.box is None and config.replicate.box_name() == socket.gethostname()
+    named = parse({"replicate": {"url": "postgresql://nas/fleet", "box": "photos-1"}}, "t.toml")
+    assert named.replicate.box_name() == "photos-1"
+    assert parse({}, "t.toml").replicate.url is None
 
 
 def test_example_config_is_valid() -> None:
