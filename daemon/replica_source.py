@@ -69,9 +69,13 @@ class ReplicaSource:
             yield rows
             after = rows[-1][0]
 
-    def current(self, keys: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes, Row | None]]:
-        """For each (root id, path): the entry there now, or None when there is none."""
+    def current(self, keys: Iterable[tuple[int, bytes]], *prefix: Any) -> Iterator[tuple[int, bytes, Row | None]]:
+        """For each (root id, path): the entry there now (led by ``prefix``, as `entries` does),
+        or None when there is none."""
         db = self.index.db
-        sql = f"SELECT {_ENTRY} FROM entries e JOIN roots r ON r.id = e.root_id WHERE e.root_id = ? AND e.path = ?"
+        marks = "".join("?, " for _ in prefix)
+        sql = (
+            f"SELECT {marks}{_ENTRY} FROM entries e JOIN roots r ON r.id = e.root_id WHERE e.root_id = ? AND e.path = ?"
+        )
         for root_id, path in keys:
-            yield root_id, path, db.execute(sql, (root_id, path)).fetchone()
+            yield root_id, path, db.execute(sql, (*prefix, root_id, path)).fetchone()

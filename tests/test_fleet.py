@@ -349,7 +349,7 @@ def test_replicator_sigkilled_during_a_snapshot_load_and_during_the_stream(tmp_p
     with blocking_row(url, "box", load_id[0], box.root, last_renamed):
         proc = start_replicate(box, url)
         waiting = wait_for(lambda: waiting_replicator(url, "box"), what="the stream to reach the held row")
-        assert isinstance(waiting, dict) and waiting["query"].startswith("INSERT INTO treewatch.entries")
+        assert isinstance(waiting, dict) and waiting["query"].startswith("COPY treewatch.entries")
         proc.kill()
         proc.wait()
     assert position(url, "box") == before  # the stream's transaction rolled back whole
