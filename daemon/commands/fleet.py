@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import dupes as box_dupes
-from daemon.commands.shared import Fail, Parser, human_bytes, print_json_lines
+from daemon.commands.shared import Fail, Parser, human_bytes, open_index, print_json_lines
 from daemon.config import Config, box_problem
 from daemon.model import ExitCode
 
@@ -105,6 +105,7 @@ def cmd_replicate(args: argparse.Namespace, config: Config) -> int:
     if (problem := box_problem(box)) is not None:
         raise Fail(f"the host name cannot name this box: {problem}; give one with --box", ExitCode.USAGE)
     shown = redact(args.to)
+    open_index(config, readonly=True)  # a missing or foreign database is said before the catalogue is touched
 
     def say(applied: Applied) -> None:
         if applied.action != "none" or not args.follow:
