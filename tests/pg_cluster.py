@@ -39,7 +39,8 @@ def available() -> str | None:
 class Cluster:
     """One cluster: start, stop (any mode), and fresh databases by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         self.dir = Path(tempfile.mkdtemp(prefix="treewatch-pg-", dir="/tmp"))
         os.chmod(self.dir, 0o755)
         shutil.chown(self.dir, USER)
@@ -61,8 +62,11 @@ class Cluster:
 
     def start(self) -> None:
         # fsync off: a test's cluster never outlives a power cut; a server crash (-m immediate)
-        # is still recovered from its WAL, which the operating system holds.
-        options = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off -c max_connections=60"
+        # is still recovered from its WAL, which the operating system holds. A benchmark's
+        # cluster keeps PostgreSQL's defaults, as a catalogue in service would.
+        options = f"-k {self.dir} -c listen_addresses='' -c max_connections=60"
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                           "-o", options, "start")  # fmt: skip
 
