@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,22 +129,31 @@ class Replicator:
 
         self._reopen_if_replaced()
         started = time.monotonic()
-        source = ReplicaSource(self.index)
         try:
-            with source.reading() as state, self.conn.transaction(), self.conn.cursor() as cur:
-                position = _lock_box(cur, self.box)
-                why = snapshot_reason(position, state)
-                if why is not None:
-                    rows = _load_snapshot(cur, self.box, state, source, stop)
-                    action = "snapshot"
-                elif position is not None and position.seq < state.seq:
-                    rows = _apply_stream(cur, self.box, position, state, source, stop)
-                    action = "stream"
-                else:
-                    rows, action = 0, "none"
+            try:
+                applied = self._catch_up(stop, skip_fresh=True)
+            except psycopg.errors.UniqueViolation:
+                # A key skipped as fresh was not (a row a scan had parked moved away without a
+                # feed row of its own): all of it rolled back; again, deleting every key first.
+                applied = self._catch_up(stop, skip_fresh=False)
         except psycopg.Error as e:
             raise CatalogueError(f"catalogue {redact(self.url)}: {reason(e, self.url)}") from None
-        return Applied(self.box, state.epoch, state.seq, action, why, rows, time.monotonic() - started)
+        return replace(applied, seconds=time.monotonic() - started)
+
+    def _catch_up(self, stop: threading.Event | None, *, skip_fresh: bool) -> Applied:
+        source = ReplicaSource(self.index)
+        with source.reading() as state, self.conn.transaction(), self.conn.cursor() as cur:
+            position = _lock_box(cur, self.box)
+            why = snapshot_reason(position, state)
+            if why is not None:
+                rows = _load_snapshot(cur, self.box, state, source, stop)
+                action = "snapshot"
+            elif position is not None and position.seq < state.seq:
+                rows = _apply_stream(cur, self.box, position, state, source, stop, skip_fresh=skip_fresh)
+                action = "stream"
+            else:
+                rows, action = 0, "none"
+        return Applied(self.box, state.epoch, state.seq, action, why, rows, 0.0)
 
     def prune_history(self, keep_s: float) -> None:
         """Drop the catalogue's copy of this box's feed rows older than the box keeps its own."""
@@ -225,25 +234,48 @@ def _load_snapshot(
 class _Chunk:
     """One chunk of a stream, read from the index and ready to send."""
 
-    roots: list[bytes]  # the keys it names: (roots[i], paths[i])
+    roots: list[bytes]  # the keys to delete first: (roots[i], paths[i])
     paths: list[bytes]
     entries: list[Row]  # the entries at those keys now, in the catalogue's COPY columns
     history: list[tuple[Any, ...]]  # its feed rows, as treewatch.changes holds them
     rows: int
 
 
-def _read_chunk(source: ReplicaSource, page: list[Row], box: str, load_id: int, epoch: str) -> _Chunk:
+def _read_chunk(
+    source: ReplicaSource, page: list[Row], box: str, load_id: int, epoch: str, seen: set[tuple[int, bytes]] | None
+) -> _Chunk:
+    """The keys a page names, the entries there now, and its feed rows.
+
+    With ``seen`` (the keys of the run's earlier chunks), a key is *fresh* when its first mention
+    in the run is as where an entry arrived (`added`, or the target of `renamed`): the index held
+    nothing there at that seq — it cannot, two entries never share a path — so neither does the
+    catalogue, and a fresh key with an entry is written without a delete first. Most of a large
+    stream is that (a first index, a folder moved). The one way the index empties a path without
+    a feed row is a scan parking a row there; the COPY then meets the catalogue's row and fails
+    on the primary key, and the caller does it again without skipping (`catch_up`)."""
     roots: dict[int, bytes] = {}
-    keys: dict[tuple[int, bytes], None] = {}
+    keys: dict[tuple[int, bytes], bool] = {}  # -> fresh
     history = []
     for seq, op, kind, root_id, root, path, old_path, at in page:
         roots[root_id] = root
-        keys[(root_id, path)] = None
         if old_path is not None:
-            keys[(root_id, old_path)] = None
+            keys.setdefault((root_id, old_path), False)
+        key = (root_id, path)
+        if key not in keys:
+            keys[key] = seen is not None and op in ("added", "renamed") and key not in seen
         history.append((box, epoch, seq, op, kind, root, path, old_path, datetime.fromtimestamp(at, UTC)))
-    entries = [entry for _, _, entry in source.current(keys, box, load_id) if entry is not None]
-    return _Chunk([roots[r] for r, _ in keys], [p for _, p in keys], entries, history, len(page))
+    if seen is not None:
+        seen.update(keys)
+    entries: list[Row] = []
+    delete_roots: list[bytes] = []
+    delete_paths: list[bytes] = []
+    for root_id, path, entry in source.current(keys, box, load_id):
+        if entry is not None:
+            entries.append(entry)
+        if entry is None or not keys[(root_id, path)]:
+            delete_roots.append(roots[root_id])
+            delete_paths.append(path)
+    return _Chunk(delete_roots, delete_paths, entries, history, len(page))
 
 
 def _apply_stream(
@@ -253,6 +285,8 @@ def _apply_stream(
     state: feed.FeedState,
     source: ReplicaSource,
     stop: threading.Event | None,
+    *,
+    skip_fresh: bool,
 ) -> int:
     """Every feed row in (position.seq, state.seq], as the state of each path it names at
     state.seq: the row there now, or none. Order within the run does not matter — each path's
@@ -261,10 +295,11 @@ def _apply_stream(
     from concurrent.futures import ThreadPoolExecutor
 
     pages = source.changes(position.seq, state.seq, CHUNK)
+    seen: set[tuple[int, bytes]] | None = set() if skip_fresh else None
 
     def next_chunk() -> _Chunk | None:
         page = next(pages, None)
-        return None if page is None else _read_chunk(source, page, box, position.load_id, state.epoch)
+        return None if page is None else _read_chunk(source, page, box, position.load_id, state.epoch, seen)
 
     applied = 0
     # The next chunk is read from the index while this one is sent: the server's work and ours
@@ -273,7 +308,8 @@ def _apply_stream(
         pending = reader.submit(next_chunk)
         while (chunk := pending.result()) is not None:
             pending = reader.submit(next_chunk)
-            cur.execute(_DELETE, {"box": box, "load": position.load_id, "roots": chunk.roots, "paths": chunk.paths})
+            if chunk.paths:
+                cur.execute(_DELETE, {"box": box, "load": position.load_id, "roots": chunk.roots, "paths": chunk.paths})
             with cur.copy(f"COPY treewatch.entries (box, load_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "int8", *ENTRY_TYPES])
                 for entry in chunk.entries:
