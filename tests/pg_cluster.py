@@ -55,7 +55,11 @@ class Cluster:
         self.psql(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
 
     def _as_postgres(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["runuser", "-u", USER, "--", *argv], capture_output=True, text=True, timeout=120)
+        # In the cluster's folder: initdb and pg_ctl fail in a working directory their user cannot
+        # enter (a checkout under /root).
+        result = subprocess.run(
+            ["runuser", "-u", USER, "--", *argv], capture_output=True, text=True, timeout=120, cwd=self.dir
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {result.stdout}{result.stderr}")
         return result
@@ -75,7 +79,7 @@ class Cluster:
 
     def running(self) -> bool:
         result = subprocess.run(["runuser", "-u", USER, "--", str(BIN / "pg_ctl"), "-D", str(self.data), "status"],
-                                capture_output=True, text=True)  # fmt: skip
+                                capture_output=True, text=True, cwd=self.dir)  # fmt: skip
         return result.returncode == 0
 
     def url(self, database: str = "postgres", user: str = USER, password: str | None = None) -> str:

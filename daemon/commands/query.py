@@ -68,7 +68,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     print(f"feed: epoch {f['epoch']}, seq {f['seq']}, oldest held {f['oldest_seq']}")
     r = data["replicate"]
     if r is not None:
-        line = f"replicate: box {r['box']} to {r['url']}: seq {r['applied_seq']}, lag {r['lag']}"
+        held = "nothing yet" if r["applied_seq"] is None else f"seq {r['applied_seq']}"
+        line = f"replicate: box {r['box']} to {r['url']}: {held}, lag {r['lag']}"
         line += f", last ok {r['last_ok'] or 'never'}"
         if r["error"]:
             line += f"; failing: {r['error']}"
