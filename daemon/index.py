@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ COUNTERS = ("files_hashed", "bytes_hashed", "scans_full", "scans_subtree", "scan
 COUNTERS_UPSERT = (
     "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
 )
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 class IndexError_(Exception):
@@ -138,11 +142,15 @@ class Index:
             raise IndexError_(f"{path}: cannot be reached: {e.strerror or e}") from None
         try:
             # The database is created without world bits: it lists every file of the library.
-            old_umask = os.umask(0o027)
-            try:
-                self.db = _connect(uri)
-            finally:
-                os.umask(old_umask)
+            # The umask is the process's: two threads opening at once each saved the other's 0o027
+            # as the one to restore, and the process kept it (a config file written next was
+            # unreadable to another user; seen in the daemon's tasks and the tests).
+            with _UMASK_LOCK:
+                old_umask = os.umask(0o027)
+                try:
+                    self.db = _connect(uri)
+                finally:
+                    os.umask(old_umask)
             if not readonly:
                 # Migrate (which refuses a foreign or newer database) before switching to WAL:
                 # journal_mode = WAL rewrites the file's header, and a database that is not
