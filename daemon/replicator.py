@@ -47,7 +47,8 @@ PRUNE_CHANGES_EVERY_S = 600.0
 _COLUMNS = ", ".join(ENTRY_COLUMNS)
 _HISTORY_COLUMNS = "box, epoch, seq, op, kind, root, path, old_path, at"
 _HISTORY_TYPES = ("text", "text", "int8", "text", "text", "bytea", "bytea", "bytea", "timestamptz")
-# A stream writes each chunk as: delete every key it names, then COPY the entries there now.
+# A stream writes each chunk as: delete the keys it names that may hold a row (see _read_chunk),
+# then COPY the entries there now.
 # COPY is the fastest way in (rows encoded in C, no speculative insertion): an upsert by
 # INSERT ... ON CONFLICT cost the server twice a plain insert, and psycopg encodes the arrays of
 # an `unnest(%s)` element by element in Python.
