@@ -79,6 +79,19 @@ def test_fleet_commands_import_psycopg_and_fail_in_one_line(indexed_db: Path, ar
     assert len(lines) == 1 and lines[0].startswith("treewatch: catalogue host=/nonexistent"), lines
 
 
+def test_without_psycopg_replicate_says_why_in_one_line(indexed_db: Path) -> None:
+    """A box without the fleet extra replicates nothing, and says which package it lacks."""
+    program = "import sys\nsys.modules['psycopg'] = None\nfrom daemon.cli import main\nsys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", program, "--db", str(indexed_db), "replicate", "--to", "host=/nonexistent"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "treewatch: the fleet catalogue needs psycopg 3, which is not installed (pip install 'treewatch[fleet]')"
+    ]
+
+
 def test_cli_scan_that_logs_configures_logging_then(indexed_db: Path, library: Path) -> None:
     """The logger is set up by the first log call, as `configure` did it before: key=value lines."""
     (library / "a" / "f.txt").unlink()
