@@ -10,6 +10,7 @@ shared (other engineers run tests on it), so absolute times are noisy; the ratio
     python -m bench.run --only P1 --profile   # and a py-spy profile of the scan
     python -m bench.run --only P3,P4,P5       # the daemon: latency, idle cost, storm (10k entries)
     python -m bench.run --only P3,P4 --live-entries 10000,1000000   # and on the 1M-entry tree
+    python -m bench.run --only F              # the fleet catalogue (PostgreSQL): stream, 1M load, follow
 
 Benchmarks are functions in ``BENCHMARKS``: each takes the ``Bench`` context (arguments,
 corpora, a way to time commands) and returns ``Result`` rows. P3-P5 (live watching, issue 4)
@@ -392,6 +393,30 @@ def bench_p5(b: Bench) -> Iterator[Result]:
     )
 
 
+def bench_fleet(b: Bench) -> Iterator[Result]:
+    """F: the fleet catalogue (bench/fleet_bench.py): the stream's rows/s, a 1M-entry snapshot
+    load, the latency of a change while following. Skipped, in one line, without PostgreSQL."""
+    from bench import fleet_bench
+    from tests import pg_cluster
+
+    if (why := pg_cluster.available()) is not None:
+        b.notes.append(f"F skipped: {why}")
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fleet-", dir=b.out) as tmp:
+        f = fleet_bench.measure(b.args.fleet_entries, b.args.fleet_stream_rows, b.args.live_rounds * 2, Path(tmp))
+    yield Result("F1", f"stream: {f.stream_rows:,} feed rows applied", f.rows_per_second, "rows/s", ">= 50,000",
+                 f.rows_per_second >= 50_000, f"{f.stream_seconds:.1f} s, `treewatch replicate` wall time")  # fmt: skip
+    yield Result("F2", f"snapshot load of {f.load_entries:,} entries", f.load_seconds, "s", "< 60 s (1M)",
+                 f.load_seconds < 60 if f.load_entries >= 1_000_000 else None,
+                 f"{f.load_entries / f.load_seconds:,.0f} rows/s")  # fmt: skip
+    median = statistics.median(f.follow_latencies)
+    worst = max(f.follow_latencies)
+    yield Result("F3", "follow: commit on the box to row in the catalogue", median * 1000, "ms", "< 2 s", worst < 2,
+                 f"median of {len(f.follow_latencies)}, max {worst * 1000:.0f} ms")  # fmt: skip
+
+
 BENCHMARKS: dict[str, Callable[[Bench], Iterator[Result]]] = {
     "P1": bench_p1,
     "P2": bench_p2,
@@ -404,6 +429,7 @@ BENCHMARKS: dict[str, Callable[[Bench], Iterator[Result]]] = {
     "F3": feed_bench.bench_f3,
     "W1": scale_bench.bench_w1,
     "E1": scale_bench.bench_e1,
+    "F": bench_fleet,
 }
 
 
@@ -426,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--watch-folders", type=entry_counts, default=[100_000],
                    help="W1 trees of empty folders, comma-separated (100000)")  # fmt: skip
     p.add_argument("--storm-entries", type=int, default=200_000, help="P5 tree; it needs 100 photo folders (200000)")
+    p.add_argument("--fleet-entries", type=int, default=1_000_000, help="F: the snapshot's box (1000000)")
+    p.add_argument("--fleet-stream-rows", type=int, default=200_000, help="F: feed rows streamed (200000)")
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--profile", action="store_true", help="also record a py-spy profile of each scan")
     p.add_argument("--corpus-dir", type=Path, default=HERE / "corpus", help="where corpora live (bench/corpus)")

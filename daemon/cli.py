@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon import __version__, logs
-from daemon.commands import feed, query, repair, sync, tools
+from daemon.commands import feed, fleet, query, repair, sync, tools
 from daemon.commands.shared import Fail, Parser, close_opened, damaged_database, load_config
 from daemon.config import Config, ConfigError
 from daemon.model import ExitCode
@@ -38,6 +38,7 @@ REGISTER: tuple[Callable[[Subcommands], None], ...] = (
     feed.register,  # changes, snapshot
     tools.register,  # dupes, verify, rebuild
     repair.register,  # repair
+    fleet.register,  # replicate, fleet
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,32 @@ class FeedConfig:
     max_rows: int = 0  # at most this many rows, the oldest going first; 0: no cap
 
 
+# A box's name in the catalogue: a host name's characters, so it reads well in a query and a log.
+BOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def box_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a box in the catalogue, or None when it can."""
+    if BOX_NAME.fullmatch(name) is None:
+        return f"{name!r} is not a box name (1-63 letters, digits, '.', '_' or '-', starting with a letter or digit)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicateConfig:
+    """Where the daemon replicates its index: a PostgreSQL catalogue shared by several boxes (docs/fleet.md)."""
+
+    url: str | None = None  # a libpq URL or conninfo string; None: the daemon replicates nothing
+    box: str | None = None  # this box's name in the catalogue; None: the host name
+
+    def box_name(self) -> str:
+        if self.box is not None:
+            return self.box
+        import socket
+
+        return socket.gethostname()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     database: Path = DEFAULT_DATABASE
@@ -91,6 +118,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
+    replicate: ReplicateConfig = field(default_factory=ReplicateConfig)
     source: str = "(defaults)"  # where it was read from, for messages
 
     def with_overrides(self, database: Path | None, roots: Sequence[Path]) -> Config:
@@ -167,7 +195,7 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 def parse(doc: Mapping[str, Any], source: str) -> Config:
     """Build a Config from a parsed TOML document; every problem names its key and file."""
-    _no_unknown(doc, {"database", "roots", "watch", "sync", "log", "metrics", "feed"}, source)
+    _no_unknown(doc, {"database", "roots", "watch", "sync", "log", "metrics", "feed", "replicate"}, source)
     database = Path(_typed(doc, "database", str, source, str(DEFAULT_DATABASE)))
     if not database.is_absolute():
         raise ConfigError(f"{source}: database: {str(database)!r} is not an absolute path")
@@ -236,6 +264,7 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
 
     metrics = _metrics(_section(doc, "metrics", source), f"{source}: metrics")
     feed = _feed(_section(doc, "feed", source), f"{source}: feed")
+    replicate = _replicate(doc, source)
     return Config(
         database=database,
         roots=tuple(roots),
@@ -244,6 +273,7 @@ def parse(doc: Mapping[str, Any], source: str) -> Config:
         log=LogConfig(level),
         metrics=metrics,
         feed=feed,
+        replicate=replicate,
         source=source,
     )
 
@@ -268,6 +298,23 @@ def _feed(table: Mapping[str, Any], where: str) -> FeedConfig:
     _positive(feed.retention_s, f"{where}.retention_s", allow_zero=True)
     _positive(feed.max_rows, f"{where}.max_rows", allow_zero=True)
     return feed
+
+
+def _replicate(doc: Mapping[str, Any], source: str) -> ReplicateConfig:
+    if "replicate" not in doc:
+        return ReplicateConfig()
+    table = _section(doc, "replicate", source)
+    where = f"{source}: replicate"
+    _no_unknown(table, {f.name for f in dataclasses.fields(ReplicateConfig)}, where)
+    if "url" not in table:
+        raise ConfigError(f'{where}: url is missing (the catalogue, e.g. "postgresql://treewatch@nas/fleet")')
+    url = _typed(table, "url", str, where, None)
+    if not url.strip():
+        raise ConfigError(f"{where}.url: is empty")
+    box = _typed(table, "box", str, where, None)
+    if box is not None and (problem := box_problem(box)) is not None:
+        raise ConfigError(f"{where}.box: {problem}")
+    return ReplicateConfig(url=url, box=box)
 
 
 def load(path: Path) -> Config:

@@ -90,9 +90,13 @@ def snapshot(index: Index, rows: Callable[[Index], Iterator[dict[str, Any]]]) ->
         index.db.execute("COMMIT")
 
 
-def prune(index: Index, retention: FeedConfig, now: float | None = None) -> int:
+def prune(index: Index, retention: FeedConfig, now: float | None = None, *, hold: tuple[str, int] | None = None) -> int:
     """Remove what retention no longer keeps, oldest first, PRUNE_CHUNK rows per transaction;
-    the number of rows removed. Rows go by age (`retention_s`) and by count (`max_rows`)."""
+    the number of rows removed. Rows go by age (`retention_s`) and by count (`max_rows`).
+
+    ``hold`` is a consumer's cursor (epoch, seq) whose rows are kept past their age until it has
+    taken them: the fleet catalogue's (docs/fleet.md). `max_rows` still applies: a consumer away
+    for that long loads a snapshot instead."""
     if retention.retention_s <= 0 and retention.max_rows <= 0:
         return 0
     cutoff = (now if now is not None else time.time()) - retention.retention_s
@@ -101,15 +105,16 @@ def prune(index: Index, retention: FeedConfig, now: float | None = None) -> int:
         if removed:
             time.sleep(PRUNE_PAUSE_S)
         with index.transaction():
-            _, oldest, head = index.feed_state()
+            epoch, oldest, head = index.feed_state()
             keep_from = head - retention.max_rows + 1 if retention.max_rows > 0 else oldest
+            aged_through = hold[1] if hold is not None and hold[0] == epoch else head
             last = None
             # In seq order: `at` follows seq (each commit stamps its rows), so the rows past the
             # cutoff are a prefix; a clock set back only delays their pruning.
             for seq, at in index.db.execute(
                 "SELECT seq, at FROM changes WHERE seq >= ? ORDER BY seq LIMIT ?", (oldest, PRUNE_CHUNK)
             ).fetchall():
-                if seq < keep_from or (retention.retention_s > 0 and at < cutoff):
+                if seq < keep_from or (retention.retention_s > 0 and at < cutoff and seq <= aged_through):
                     last = seq
                 else:
                     break
@@ -120,11 +125,54 @@ def prune(index: Index, retention: FeedConfig, now: float | None = None) -> int:
             removed += cur.rowcount
 
 
+def catalogue_hold(index: Index) -> tuple[str, int] | None:
+    """The fleet catalogue's cursor as the daemon last published it (docs/fleet.md): what
+    retention keeps rows for."""
+    row = index.replication()
+    return None if row is None or row.epoch is None or row.applied_seq is None else (row.epoch, row.applied_seq)
+
+
 def prune_interval(retention: FeedConfig) -> float:
     """How often the daemon prunes: often enough that nothing outlives its window by much."""
     if retention.retention_s > 0:
         return min(60.0, max(1.0, retention.retention_s / 2))
     return 60.0
+
+
+class Waker:
+    """Wakes a follower when the database's files change (inotify, through watchdog), so that it
+    costs nothing while nothing happens. Clear, read what is new, then wait: a change committed
+    after the clear wakes the next wait at once."""
+
+    def __init__(self, path: Path) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        changed = self.changed = threading.Event()
+        names = {path.name, path.name + "-wal"}
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                for p in (event.src_path, getattr(event, "dest_path", "")):
+                    if p and os.path.basename(os.fsdecode(p)) in names:
+                        changed.set()
+
+        self.observer = Observer()
+        self.observer.schedule(_Wake(), str(path.parent), recursive=False)
+
+    def __enter__(self) -> Waker:
+        self.observer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.observer.stop()
+        self.observer.join()
+
+    def clear(self) -> None:
+        self.changed.clear()
+
+    def wait(self, timeout: float = FOLLOW_SAFETY_S) -> bool:
+        return self.changed.wait(timeout)
 
 
 def follow(
@@ -138,51 +186,35 @@ def follow(
 ) -> str | None:
     """Hand every change after ``since`` to ``emit`` as it is committed, until ``stop``; the
     reset reason when the database is replaced by one of another epoch. Wakes on the database's
-    files changing (inotify, through watchdog), not by polling the database."""
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
-    from watchdog.observers import Observer
-
-    changed = threading.Event()
-    names = {path.name, path.name + "-wal"}
-
-    class _Wake(FileSystemEventHandler):
-        def on_any_event(self, event: FileSystemEvent) -> None:
-            for p in (event.src_path, getattr(event, "dest_path", "")):
-                if p and os.path.basename(os.fsdecode(p)) in names:
-                    changed.set()
-
-    observer = Observer()
-    observer.schedule(_Wake(), str(path.parent), recursive=False)
-    observer.start()
-    index = Index(path, readonly=True)
-    identity = fs.identity(path)
-    try:
-        while not stop.is_set():
-            changed.clear()
-            batch: list[tuple[Any, ...]] = []
-            for row in index.changes_since(since, page):
-                batch.append(row)
-                if len(batch) >= page:  # a long backlog goes out page by page, never whole in memory
+    files changing (`Waker`), not by polling the database."""
+    with Waker(path) as waker:
+        index = Index(path, readonly=True)
+        identity = fs.identity(path)
+        try:
+            while not stop.is_set():
+                waker.clear()
+                batch: list[tuple[Any, ...]] = []
+                for row in index.changes_since(since, page):
+                    batch.append(row)
+                    if len(batch) >= page:  # a long backlog goes out page by page, never whole in memory
+                        emit(batch)
+                        since, batch = batch[-1][0], []
+                if batch:
                     emit(batch)
-                    since, batch = batch[-1][0], []
-            if batch:
-                emit(batch)
-                since = batch[-1][0]
-                continue  # a change came while these were read: look again before waiting
-            changed.wait(FOLLOW_SAFETY_S)
-            if fs.identity(path) != identity:
-                # Replaced (deleted and made again, restored, repaired): this connection still
-                # reads the old file. The new one is the same feed only with the same epoch.
-                now = fs.identity(path)
-                if now is None:
-                    continue  # between the old file's removal and the new one's creation
-                index.close()
-                index = Index(path, readonly=True)
-                identity = now
-                if state(index).epoch != epoch:
-                    return "epoch"
-        return None
-    finally:
-        observer.stop()
-        observer.join()
-        index.close()
+                    since = batch[-1][0]
+                    continue  # a change came while these were read: look again before waiting
+                waker.wait(FOLLOW_SAFETY_S)
+                if fs.identity(path) != identity:
+                    # Replaced (deleted and made again, restored, repaired): this connection still
+                    # reads the old file. The new one is the same feed only with the same epoch.
+                    now = fs.identity(path)
+                    if now is None:
+                        continue  # between the old file's removal and the new one's creation
+                    index.close()
+                    index = Index(path, readonly=True)
+                    identity = now
+                    if state(index).epoch != epoch:
+                        return "epoch"
+            return None
+        finally:
+            index.close()

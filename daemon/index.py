@@ -146,6 +146,18 @@ class ActiveScan:
     pid: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicationRow:
+    """Where the daemon's replication to a fleet catalogue stands, as it last published it."""
+
+    url: str  # without its password
+    box: str
+    epoch: str | None  # the feed's epoch of what the catalogue holds; None: nothing yet
+    applied_seq: int | None
+    last_ok: float | None
+    error: str | None
+
+
 def _connect(uri: str) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
@@ -260,8 +272,8 @@ class Index:
                 raise IndexError_(f"{self.path}: made by a newer treewatch (schema {version} > {SCHEMA_VERSION})")
             if version == 0 and self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise IndexError_(f"{self.path}: an SQLite database, but not a treewatch index")
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in statements(MIGRATIONS[target - 1]):
+            for target in sorted(n for n in MIGRATIONS if n > version):
+                for statement in statements(MIGRATIONS[target]):
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {target}")
 
@@ -488,6 +500,10 @@ class Index:
         row = self.db.execute("SELECT pid, started_at, state, activity, updated_at FROM daemon").fetchone()
         return None if row is None else (row[0], row[1], row[2], row[3], row[4])
 
+    def replication(self) -> ReplicationRow | None:
+        row = self.db.execute("SELECT url, box, epoch, applied_seq, last_ok, error FROM replication").fetchone()
+        return None if row is None else ReplicationRow(*row)
+
 
 def _describe(e: sqlite3.DatabaseError) -> str:
     text = str(e)
@@ -541,3 +557,13 @@ class AsyncIndex:
     async def add_counters(self, counters: dict[str, int]) -> None:
         assert self.db is not None
         await self.db.executemany(COUNTERS_UPSERT, [(k, v) for k, v in counters.items() if v])
+
+    async def set_replication(self, row: ReplicationRow | None) -> None:
+        """Publish where replication stands (None: the daemon does not replicate)."""
+        if row is None:
+            await self._write("DELETE FROM replication", ())
+            return
+        await self._write(
+            "INSERT OR REPLACE INTO replication VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+            (row.url, row.box, row.epoch, row.applied_seq, row.last_ok, row.error, time.time()),
+        )

@@ -40,6 +40,8 @@ class MessageId:
     REPAIRED = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0c"
     VOLUME_OFFLINE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0d"
     VOLUME_ONLINE = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0e"
+    CATALOGUE_DOWN = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0f"
+    CATALOGUE_BACK = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b10"
 
 
 class JournalRenderer:

@@ -98,6 +98,15 @@ def render(index: Index, config: Config) -> str:
                [({}, rebuild.needs_rebuild(index))]),
         family("treewatch_change_sequence", "gauge", "The change feed's last sequence number.", [({}, data["seq"])]),
     ]  # fmt: skip
+    r = data["replicate"]
+    if r is not None:  # [replicate]: how far behind the fleet catalogue is, and whether it answers
+        labels = {"box": r["box"]}
+        out += [
+            family("treewatch_replicate_lag", "gauge", "Feed rows the fleet catalogue has not taken yet.",
+                   [(labels, r["lag"])]),
+            family("treewatch_replicate_up", "gauge", "1 when the last attempt to reach the fleet catalogue succeeded.",
+                   [(labels, 0 if r["error"] else 1)]),
+        ]  # fmt: skip
     return "".join(out)
 
 

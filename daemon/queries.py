@@ -94,6 +94,7 @@ def status(index: Index, config: Config) -> dict[str, Any]:
         "rebuild": _rebuild(index),
         "seq": feed["seq"],
         "feed": feed,
+        "replicate": _replication(index, epoch, seq),
     }
 
 
@@ -113,6 +114,17 @@ def volumes(index: Index, root_id: int, root_path: bytes) -> list[dict[str, Any]
         for v in index.volumes(root_id)
         if v.state is not VolumeState.UNCONFIRMED
     ]
+
+
+def _replication(index: Index, epoch: str, seq: int) -> dict[str, Any] | None:
+    """Where the daemon's replication to the fleet catalogue stands; None when it does not replicate.
+    The lag is what the catalogue has not taken: all of the feed when it holds another epoch."""
+    r = index.replication()
+    if r is None:
+        return None
+    held = r.applied_seq if r.epoch == epoch and r.applied_seq is not None else 0
+    return {"url": r.url, "box": r.box, "applied_seq": r.applied_seq, "lag": max(0, seq - held),
+            "last_ok": iso(r.last_ok), "error": r.error}  # fmt: skip
 
 
 def _rebuild(index: Index) -> dict[str, Any] | None:

@@ -17,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import feed, fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
 from daemon.filters import Excluder
-from daemon.index import AsyncIndex, DamagedError, Index, check_file, is_damage
+from daemon.index import AsyncIndex, DamagedError, Index, ReplicationRow, check_file, is_damage
 from daemon.logs import MessageId
 from daemon.metrics import write_textfile
 from daemon.model import Mount, Op, ScanKind, ScanReport, ScanScope, is_within, join
@@ -34,6 +34,9 @@ from daemon.rebuild import needs_rebuild, rebuild
 from daemon.rules import HASH_SCHEME, mounts_below, polled_volumes
 from daemon.scan import scan
 from daemon.watch import RootWatcher
+
+if TYPE_CHECKING:
+    from daemon.replication import Replication
 
 # How often an offline root is looked at again (its watches are gone with the mount).
 OFFLINE_RECHECK_S = 30.0
@@ -149,6 +152,7 @@ class Scheduler:
         self.metrics_task: asyncio.Task[None] | None = None
         self.guard_task: asyncio.Task[None] | None = None
         self.prune_task: asyncio.Task[None] | None = None
+        self.replication: Replication | None = None  # [replicate]: the thread that feeds the catalogue
         # Monotonic event times -> wall-clock times for `status`: one offset, so a published
         # time does not move (and cause a write) every time it is computed.
         self.wall_offset = time.time() - time.monotonic()
@@ -185,6 +189,7 @@ class Scheduler:
         self.guard_task = asyncio.create_task(self._guard(), name="guard")
         self.prune_task = asyncio.create_task(self._prune(), name="prune")
         self.check_task = asyncio.create_task(self._check_database(), name="check")
+        await self._start_replication()
 
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
@@ -232,6 +237,9 @@ class Scheduler:
         for path, root in wanted.items():
             if path not in self.roots:
                 await self.add_root(root)
+        if config.replicate != old.replicate or (config.replicate.url and config.feed != old.feed):
+            await self._stop_replication()
+            await self._start_replication()
         if config.watch != old.watch:
             for rt in self.roots.values():
                 # A new window applies to what arrives from now on; what was pending is covered
@@ -273,6 +281,8 @@ class Scheduler:
         tasks += [t for t in (self.rebuild_task, *helpers) if t is not None]
         tasks += list(self.mount_tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.replication is not None:
+            await asyncio.to_thread(self.replication.close)  # a batch in flight rolls back
         for rt in self.roots.values():
             if rt.watcher is not None:
                 await asyncio.to_thread(rt.watcher.stop)
@@ -368,6 +378,30 @@ class Scheduler:
         finally:
             index.close()
 
+    async def _start_replication(self) -> None:
+        """`[replicate]`: a thread that keeps the fleet catalogue caught up (replication.py)."""
+        if self.config.replicate.url is None:
+            self.replication = None
+            await self.db.set_replication(None)  # what `status` showed of an earlier configuration
+            return
+        from daemon.replication import Replication  # with it the catalogue's modules, only when asked for
+
+        published = await asyncio.to_thread(self._published_replication)
+        self.replication = Replication(self.config, published)
+        self.replication.start()
+
+    def _published_replication(self) -> ReplicationRow | None:
+        index = Index(self.config.database)
+        try:
+            return index.replication()
+        finally:
+            index.close()
+
+    async def _stop_replication(self) -> None:
+        if self.replication is not None:
+            await asyncio.to_thread(self.replication.close)
+            self.replication = None
+
     async def _prune(self) -> None:
         """The feed's retention ([feed]): what is older than its window, or beyond its row cap,
         goes, in small transactions on a connection of its own (feed.prune)."""
@@ -375,7 +409,9 @@ class Scheduler:
         try:
             while not self.stop.is_set():
                 try:
-                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed)
+                    # Rows the catalogue has not taken yet stay past their age (docs/fleet.md).
+                    hold = self.replication.hold() if self.replication is not None else None
+                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed, hold=hold)
                     if removed:
                         self.log.debug("feed pruned", rows=removed)
                 except sqlite3.Error as e:  # busy past the timeout, disk full: next time
@@ -756,9 +792,12 @@ class Scheduler:
         # showed "1 pending" forever. Torture seed 20261202.)
         activity = self.activity()
         roots = tuple((rt.path, *self._pending_state(rt)) for rt in self.roots.values())
-        snapshot = (state, activity, roots)
+        replication = self.replication.state if self.replication is not None else None
+        snapshot = (state, activity, roots, replication)
         if snapshot != self.published:
             await self.db.heartbeat(pid, started_at, state, activity)
+            if replication is not None and (not self.published or self.published[3] != replication):
+                await self.db.set_replication(replication)
             for path, pending, observer, since, paths in roots:
                 await self.db.root_runtime(
                     path, pending=pending, observer=observer, pending_since=since, pending_paths=paths

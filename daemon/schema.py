@@ -1,7 +1,8 @@
-"""The index's schema: every migration, in order, as data. `Index` runs them (index.py).
+"""The index's schema: every migration, by number, as data. `Index` runs them (index.py).
 
-Each migration takes the database from version N-1 to N in one transaction with its check;
-append, never edit a released one.
+Each migration takes the database to its number in one transaction with its check; add, never
+edit a released one. Numbers are kept once given: a database goes through those above its
+version in order.
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 
-SCHEMA_VERSION = 7
-
-# Each migration takes the database from version N-1 to N; append, never edit a released one.
-MIGRATIONS: tuple[str, ...] = (
-    """
+# Each migration takes the database to its number; add, never edit a released one.
+MIGRATIONS: dict[int, str] = {
+    1: """
     CREATE TABLE roots(
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         path BLOB NOT NULL UNIQUE,
@@ -112,7 +111,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2 (issue 6: dupes, verify, rebuild): the corruption mark, the indexes `dupes` and
     # `status` need, and the cursors that make `verify` and `rebuild` resumable.
-    """
+    2: """
     ALTER TABLE entries ADD COLUMN corrupt_blake3 BLOB;  -- the hash `verify` saw on disk
     CREATE INDEX entries_corrupt ON entries(root_id, path) WHERE corrupt_blake3 IS NOT NULL;
     CREATE INDEX entries_dupes ON entries(size, blake3)
@@ -133,7 +132,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: entries_dupes (size, blake3) also serves rename matching by content, so the older
     # (blake3, size) index only cost every insert a second random B-tree update: 0.8 s of
     # a 6.4 s first index of 100k small files (docs/benchmarks.md).
-    """
+    3: """
     DROP INDEX IF EXISTS entries_by_hash;
     """,
     # 4: a folder's listing digest, so a sync skips comparing the children of a folder whose
@@ -142,7 +141,7 @@ MIGRATIONS: tuple[str, ...] = (
     # clears the digest: a digest is stored only if no child changed since the walk read them.
     # Inserts do the same in `commit`, once per parent and batch: a trigger per inserted row
     # cost a first index of 100k files 0.6 s of 2 s of inserts.
-    """
+    4: """
     ALTER TABLE entries ADD COLUMN children_digest BLOB;
     ALTER TABLE entries ADD COLUMN children_gen INTEGER NOT NULL DEFAULT 0;
     CREATE TRIGGER entries_child_removed AFTER DELETE ON entries BEGIN
@@ -156,14 +155,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 5: how long the oldest pending path of a root has waited, and the oldest few, published
     # by the daemon so that `status` shows a round that is late (docs/aggregation.md, "Stalls").
-    """
+    5: """
     ALTER TABLE roots ADD COLUMN pending_since REAL;   -- wall-clock time its oldest pending event came
     ALTER TABLE roots ADD COLUMN pending_paths TEXT;   -- JSON list of the oldest pending paths (fsdecoded)
     """,
     # 6: the change feed as a contract (docs/feed.md): a random epoch made with the database, so
     # that a consumer's cursor from another database (rebuilt, repaired, restored) is told apart,
     # and how far retention has pruned, so that a cursor older than what is held is too.
-    """
+    6: """
     CREATE TABLE feed(
         id INTEGER PRIMARY KEY CHECK (id = 1),
         epoch TEXT NOT NULL,                       -- 16 hex digits
@@ -178,7 +177,7 @@ MIGRATIONS: tuple[str, ...] = (
     # An index made before knew no volumes: every folder on another device than its parent is
     # recorded `unconfirmed`, so that a disk unplugged at the upgrade is not taken for emptied;
     # the next scan keeps those that are mount points and drops the rest (btrfs subvolumes).
-    """
+    7: """
     CREATE TABLE volumes(
         root_id INTEGER NOT NULL,
         path BLOB NOT NULL,                  -- the mount point, relative to the root
@@ -197,7 +196,26 @@ MIGRATIONS: tuple[str, ...] = (
         FROM entries c JOIN roots r ON r.id = c.root_id LEFT JOIN entries p ON p.id = c.parent_id
         WHERE c.kind = 'dir' AND c.dev != coalesce(p.dev, r.dev) AND substr(c.path, 1, 1) != x'00';
     """,
-)
+    # 8: where the daemon's replication to a fleet catalogue stands (docs/fleet.md), so that
+    # `status` (another process) shows it, and retention keeps what the catalogue has not taken.
+    8: """
+    CREATE TABLE replication(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        url TEXT NOT NULL,            -- the catalogue, without its password
+        box TEXT NOT NULL,            -- this box's name there
+        epoch TEXT,                   -- the feed's epoch of what the catalogue holds (NULL: nothing yet)
+        applied_seq INTEGER,          -- the last seq of that epoch it has taken
+        last_ok REAL,                 -- when it last took a batch or confirmed it was up to date
+        error TEXT,                   -- why the last attempt failed; NULL when it did not
+        updated_at REAL NOT NULL
+    );
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+# Numbered from 1 with none missing: the runner takes every number above a database's version,
+# and a gap would be a migration skipped without a word.
+if sorted(MIGRATIONS) != list(range(1, SCHEMA_VERSION + 1)):
+    raise ImportError(f"daemon.schema: migrations {sorted(MIGRATIONS)} are not numbered 1..{SCHEMA_VERSION}")
 
 
 def statements(script: str) -> Iterator[str]:

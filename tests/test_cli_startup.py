@@ -24,7 +24,7 @@ watched = sys.argv[1].split(",")
 print("IMPORTED " + ",".join(m for m in watched if m in sys.modules), file=sys.stderr)
 sys.exit(code)
 """
-DAEMON_ONLY = ["rich.console", "structlog", "asyncio", "aiosqlite", "systemd"]
+DAEMON_ONLY = ["rich.console", "structlog", "asyncio", "aiosqlite", "systemd", "psycopg"]
 
 
 def run(watched: list[str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
@@ -65,6 +65,31 @@ def test_cli_commands_import_only_what_they_use(
     result, imported = run(DAEMON_ONLY + also_not, "--db", str(indexed_db), args[0], *roots, *args[1:])
     assert result.returncode == 0, result.stderr
     assert imported == set()
+
+
+@pytest.mark.parametrize(
+    "args", [["fleet", "--pg", "host=/nonexistent dbname=x", "status"], ["replicate", "--to", "host=/nonexistent"]]
+)
+def test_fleet_commands_import_psycopg_and_fail_in_one_line(indexed_db: Path, args: list[str]) -> None:
+    """The fleet's commands are the ones that import psycopg; a catalogue not there is one line."""
+    result, imported = run(["psycopg", "structlog"], "--db", str(indexed_db), *args)
+    assert result.returncode == 1
+    assert imported == {"psycopg"}
+    lines = [x for x in result.stderr.splitlines() if not x.startswith("IMPORTED ")]
+    assert len(lines) == 1 and lines[0].startswith("treewatch: catalogue host=/nonexistent"), lines
+
+
+def test_without_psycopg_replicate_says_why_in_one_line(indexed_db: Path) -> None:
+    """A box without the fleet extra replicates nothing, and says which package it lacks."""
+    program = "import sys\nsys.modules['psycopg'] = None\nfrom daemon.cli import main\nsys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", program, "--db", str(indexed_db), "replicate", "--to", "host=/nonexistent"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "treewatch: the fleet catalogue needs psycopg 3, which is not installed (pip install 'treewatch[fleet]')"
+    ]
 
 
 def test_cli_scan_that_logs_configures_logging_then(indexed_db: Path, library: Path) -> None:

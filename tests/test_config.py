@@ -39,6 +39,11 @@ BAD = [
     ("section not a table", "watch = 3\n", ["watch"]),
     ("roots not tables", 'roots = ["/srv/a"]\n', ["roots"]),
     ("not TOML", "[watch\n", ["TOML"]),
+    ("replicate without url", '[replicate]\nbox = "nas"\n', ["replicate", "url"]),
+    ("replicate url empty", '[replicate]\nurl = " "\n', ["replicate.url", "empty"]),
+    ("replicate url not a string", "[replicate]\nurl = 5432\n", ["replicate.url"]),
+    ("replicate bad box", '[replicate]\nurl = "postgresql://nas/fleet"\nbox = "my box"\n', ["replicate.box"]),
+    ("replicate unknown key", '[replicate]\nurl = "postgresql://nas/fleet"\npassword = "x"\n', ["password"]),
 ]
 
 
@@ -128,6 +133,19 @@ def test_one_filesystem_defaults_to_false(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[[roots]]\npath = "/srv/a"\n[[roots]]\npath = "/srv/b"\none_filesystem = true\n')
     assert [r.one_filesystem for r in load(path).roots] == [False, True]
+
+
+def test_replicate_section_is_read_and_the_box_defaults_to_the_host_name(tmp_path: Path) -> None:
+    import socket
+
+    from daemon.config import parse
+
+    config = parse({"replicate": {"url": "host=/run/postgresql dbname=fleet"}}, "t.toml")
+    assert config.replicate.url == "host=/run/postgresql dbname=fleet"
+    assert config.replicate.box is None and config.replicate.box_name() == socket.gethostname()
+    named = parse({"replicate": {"url": "postgresql://nas/fleet", "box": "photos-1"}}, "t.toml")
+    assert named.replicate.box_name() == "photos-1"
+    assert parse({}, "t.toml").replicate.url is None
 
 
 def test_example_config_is_valid() -> None:

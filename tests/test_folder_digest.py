@@ -18,7 +18,7 @@ import xattr
 
 from daemon.index import Index
 from daemon.journal import ScanJournal
-from daemon.schema import MIGRATIONS, statements
+from daemon.schema import MIGRATIONS, SCHEMA_VERSION, statements
 from daemon.toolstore import ToolStore
 from tests.engine import run_scan, settle
 from tests.test_scan_cases import sync
@@ -184,14 +184,15 @@ def test_a_digest_is_not_stored_over_a_child_written_since_it_was_read(digested:
 def test_an_index_of_schema_3_is_migrated_and_its_folders_digested(library: Path, db: Path) -> None:
     make_tree(library)
     old = sqlite3.connect(db, isolation_level=None)
-    for version, script in enumerate(MIGRATIONS[:3], start=1):
+    for version in (1, 2, 3):
+        script = MIGRATIONS[version]
         for statement in statements(script):
             old.execute(statement)
         old.execute(f"PRAGMA user_version = {version}")
     old.close()
     index = Index(db)
     try:
-        assert index.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert index.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         triggers = {r[0] for r in index.db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         assert triggers == {"entries_child_removed", "entries_child_changed"}
         sync(index, library, exclude=("*.tmp",))

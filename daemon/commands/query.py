@@ -69,6 +69,14 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     print(f"hashed {c['files_hashed']} files, {human_bytes(c['bytes_hashed'])}; scans: {scans}; seq {data['seq']}")
     f = data["feed"]
     print(f"feed: epoch {f['epoch']}, seq {f['seq']}, oldest held {f['oldest_seq']}")
+    r = data["replicate"]
+    if r is not None:
+        held = "nothing yet" if r["applied_seq"] is None else f"seq {r['applied_seq']}"
+        line = f"replicate: box {r['box']} to {r['url']}: {held}, lag {r['lag']}"
+        line += f", last ok {r['last_ok'] or 'never'}"
+        if r["error"]:
+            line += f"; failing: {r['error']}"
+        print(line)
     return ExitCode.OK
 
 

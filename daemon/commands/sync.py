@@ -110,9 +110,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 report.error_count += again.error_count
                 report.errors.update(again.errors)
             reports.append(report)
-    from daemon.feed import prune
+    from daemon.feed import catalogue_hold, prune
 
-    prune(index, config.feed)  # the feed's retention: a box with no daemon keeps it bounded too
+    # The feed's retention: a box with no daemon keeps it bounded too, and keeps what the fleet
+    # catalogue has not taken yet.
+    prune(index, config.feed, hold=catalogue_hold(index) if config.replicate.url else None)
     for r in reports:
         where = os.fsdecode(r.root)
         if r.busy_pid:
