@@ -259,8 +259,9 @@ def test_an_index_made_before_volumes_keeps_an_unplugged_disk(tmp_path: Path, ns
     fill(ns, usb, "photo")
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     count, seq = rows(db), ns.status(db)["seq"]
-    with sqlite3.connect(db) as con:  # as an index of schema 6 was
+    with sqlite3.connect(db) as con:  # as an index of schema 6 was: nothing of 7 (volumes) or later
         con.execute("DROP TABLE volumes")
+        con.execute("DROP TABLE replication")
         con.execute("PRAGMA user_version = 6")
     ns.run("umount", str(usb))
     result = ns.tw(db, "scan", "--root", str(root))
