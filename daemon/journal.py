@@ -49,6 +49,9 @@ class Batch:
     queue_done: list[bytes] = field(default_factory=list)
     errors: dict[bytes, str] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    # (folder path, listing digest): new folders whose every child this batch or an earlier
+    # one wrote as walked (Stepper._count_child); stored after the children's writes.
+    digests: list[tuple[bytes, bytes]] = field(default_factory=list)
     done_files: int = 0
     done_bytes: int = 0
 
@@ -56,11 +59,14 @@ class Batch:
         return len(self.writes) + len(self.deletes) + len(self.queue_done)
 
 
-_QUEUE_COLUMNS = "path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink"
+_QUEUE_COLUMNS = (
+    "path, reason, entry_id, parent_id, kind, size, mtime_ns, ctime_ns, inode, dev, mode, uid, gid, nlink,"
+    " renamed_from, listing"
+)
 
 
 def _queue_row(r: Sequence[Any]) -> QueueRow:
-    return QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14])
+    return QueueRow(r[0], r[1], r[2], r[3], Stat(Kind(r[4]), *r[5:14]), r[14], r[15])
 
 
 class ScanJournal:
@@ -113,7 +119,7 @@ class ScanJournal:
     def queue(self, rows: Iterable[QueueRow]) -> None:
         with self.index.transaction():
             self.db.executemany(
-                "INSERT OR REPLACE INTO scan_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT OR REPLACE INTO scan_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                 [
                     (self.scan_id, r.path, r.reason, r.entry_id, r.parent_id, r.stat.kind.value, r.stat.size,
                      r.stat.mtime_ns, r.stat.ctime_ns, r.stat.inode, r.stat.dev, r.stat.mode, r.stat.uid,
@@ -140,6 +146,15 @@ class ScanJournal:
         """
         with self.index.transaction():
             self.db.executemany("UPDATE entries SET children_digest = ? WHERE id = ? AND children_gen = ?", digests)
+
+    def store_listings(self, listings: Iterable[tuple[bytes, bytes]]) -> None:
+        """Keep (folder path, listing digest) with a new folder's queue row: it has no row to
+        hold a digest yet, and step 2 stores it once every child is written as walked."""
+        with self.index.transaction():
+            self.db.executemany(
+                "UPDATE scan_queue SET listing = ? WHERE scan_id = ? AND path = ?",
+                [(digest, self.scan_id, path) for path, digest in listings],
+            )
 
     def record_errors(self, errors: dict[bytes, str]) -> None:
         """Entries the walk could not read (kept in `status` until a scan reads them)."""
@@ -262,13 +277,12 @@ class ScanJournal:
             # so each page re-read the queue from its start (quadratic in the queue's length).
             rows = (
                 self.db.execute(
-                    f"SELECT {_QUEUE_COLUMNS}, renamed_from FROM scan_queue WHERE scan_id = ? ORDER BY path LIMIT ?",
+                    f"SELECT {_QUEUE_COLUMNS} FROM scan_queue WHERE scan_id = ? ORDER BY path LIMIT ?",
                     (self.scan_id, chunk),
                 ).fetchall()
                 if first
                 else self.db.execute(
-                    f"SELECT {_QUEUE_COLUMNS}, renamed_from FROM scan_queue WHERE scan_id = ? AND path > ?"
-                    " ORDER BY path LIMIT ?",
+                    f"SELECT {_QUEUE_COLUMNS} FROM scan_queue WHERE scan_id = ? AND path > ? ORDER BY path LIMIT ?",
                     (self.scan_id, after, chunk),
                 ).fetchall()
             )
@@ -282,7 +296,7 @@ class ScanJournal:
     def queued_row(self, path: bytes) -> QueueRow | None:
         """One row of a scan's queue, if it is still queued."""
         r = self.db.execute(
-            f"SELECT {_QUEUE_COLUMNS}, renamed_from FROM scan_queue WHERE scan_id = ? AND path = ?",
+            f"SELECT {_QUEUE_COLUMNS} FROM scan_queue WHERE scan_id = ? AND path = ?",
             (self.scan_id, path),
         ).fetchone()
         return None if r is None else _queue_row(r)
@@ -467,6 +481,11 @@ class ScanJournal:
             self.db.executemany(
                 "UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL WHERE id = ?",
                 [(p,) for p in parents],
+            )
+            # After the line above, which cleared the digests of these very folders.
+            self.db.executemany(
+                "UPDATE entries SET children_digest = ? WHERE root_id = ? AND path = ? AND kind = 'dir'",
+                [(digest, root_id, path) for path, digest in batch.digests],
             )
             self.db.executemany("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", feed)
             self.db.executemany(

@@ -215,6 +215,14 @@ class QueueRow:
     parent_id: int | None  # None when the parent is new too
     stat: Stat
     renamed_from: int | None  # a gone entry matched by inode
+    # A new folder's listing digest and child count (walk.listing_digest), set once the walk
+    # has listed it: step 2 stores it when every child is written as walked.
+    listing: bytes | None = None
+
+
+# A folder's children_digest: this many bytes of BLAKE3 over its listing (walk.listing_digest),
+# then its child count, little-endian.
+LISTING_DIGEST_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)

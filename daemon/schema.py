@@ -210,6 +210,13 @@ MIGRATIONS: dict[int, str] = {
         updated_at REAL NOT NULL
     );
     """,
+    # 9: a new folder's listing digest as the walk found it, kept with the folder's queue row
+    # until step 2 has written every child as walked; it is then stored as the folder's
+    # children_digest, so that the first sync after a first index skips unchanged folders as
+    # every later one does (docs/scanning.md, "Unchanged folders").
+    9: """
+    ALTER TABLE scan_queue ADD COLUMN listing BLOB;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 # Numbered from 1 with none missing: the runner takes every number above a database's version,

@@ -20,7 +20,7 @@ from daemon import fs
 from daemon.config import SyncConfig
 from daemon.hasher import HashProcesses, Pending, Unstable, hash_in_order
 from daemon.journal import Batch, ScanJournal, Write
-from daemon.model import Kind, Op, QueueRow, ScanReport, Stat, join, parent_of
+from daemon.model import LISTING_DIGEST_BYTES, Kind, Op, QueueRow, ScanReport, Stat, join, parent_of
 from daemon.progress import Progress
 from daemon.rules import HASH_SCHEME, VolumeGate, granularity_ns, is_racily_clean
 
@@ -28,6 +28,15 @@ from daemon.rules import HASH_SCHEME, VolumeGate, granularity_ns, is_racily_clea
 COMMIT_EVERY_S = 2.0
 # How deep a chain of renames is written ahead of path order before falling back to parking.
 MAX_EARLY_DEPTH = 100
+
+
+@dataclasses.dataclass(slots=True)
+class _Listing:
+    """A new folder written by this scan, its listing digest waiting for its children."""
+
+    digest: bytes  # walk.listing_digest and the child count, as stored in children_digest
+    children: int
+    written: int = 0
 
 
 class Stepper:
@@ -52,6 +61,8 @@ class Stepper:
         self.in_progress: set[bytes] = set()
         self.done_early: set[bytes] = set()  # rows written ahead of path order (see _first)
         self.last_in_order = b""
+        # New folders by path, until each of their children is written (see _count_child).
+        self.listings: dict[bytes, _Listing] = {}
 
     def commit(self) -> None:
         if len(self.batch) or self.batch.counters or self.batch.errors:
@@ -147,6 +158,13 @@ class Stepper:
         abs_path = join(self.root_path, row.path)
         write = self._write_for(row, abs_path, future)
         self.batch.queue_done.append(row.path)
+        self._count_child(row, write)
+        if row.listing is not None and _as_walked(row, write):
+            listing = _Listing(row.listing, int.from_bytes(row.listing[LISTING_DIGEST_BYTES:], "little"))
+            if listing.children == 0:
+                self.batch.digests.append((row.path, listing.digest))
+            else:
+                self.listings[row.path] = listing
         if write is not None:
             if row.entry_id is not None and row.reason in ("content", "replaced"):
                 # The row this path had may be one name of a hard-linked file whose inode the
@@ -171,6 +189,28 @@ class Stepper:
         # batch_size counts entries, one queue row each (len(batch) counts a write and its queue row).
         if len(self.batch.queue_done) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
             self.commit()
+
+    def _count_child(self, row: QueueRow, write: Write | None) -> None:
+        """Count a child of a new folder written as the walk found it; one written otherwise
+        (changed since, racily clean, unreadable, renamed, not written) leaves the folder without
+        a digest, and the next sync compares its children row by row.
+
+        A digest stored in the index must describe children rows that are there as compared
+        (ScanJournal.store_digests): the walk's digest of a new folder does once every child
+        it counted has its row with the very stat it listed, and nothing else can be below a
+        folder this scan created.
+        """
+        parent = parent_of(row.path)
+        listing = self.listings.get(parent)
+        if listing is None:
+            return
+        if not _as_walked(row, write):
+            del self.listings[parent]
+            return
+        listing.written += 1
+        if listing.written == listing.children:
+            del self.listings[parent]
+            self.batch.digests.append((parent, listing.digest))
 
     def _write_for(self, row: QueueRow, abs_path: bytes, future: Pending | None) -> Write | None:
         st = row.stat
@@ -259,3 +299,16 @@ class Stepper:
             self.hash_matched.add(match[0])
             return Write(Op.RENAMED, row.path, st, match[0], row.parent_id, old_path=match[1], **common)  # type: ignore[arg-type]
         return Write(Op.ADDED, row.path, st, None, row.parent_id, **common)  # type: ignore[arg-type]
+
+
+def _as_walked(row: QueueRow, write: Write | None) -> bool:
+    """Whether ``write`` adds the entry exactly as the walk listed it, in a row the next sync
+    finds unchanged (a file with its hash, not racily clean)."""
+    return (
+        write is not None
+        and write.op is Op.ADDED
+        and write.entry_id is None
+        and write.stat == row.stat
+        and not write.racy
+        and (write.stat.kind is not Kind.FILE or write.blake3 is not None)
+    )

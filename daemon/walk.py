@@ -18,7 +18,19 @@ import blake3
 
 from daemon import fs
 from daemon.filters import Excluder
-from daemon.model import Entry, EntryRow, FolderState, Kind, QueueRow, ScanScope, Stat, entry_of, join, parent_of
+from daemon.model import (
+    LISTING_DIGEST_BYTES,
+    Entry,
+    EntryRow,
+    FolderState,
+    Kind,
+    QueueRow,
+    ScanScope,
+    Stat,
+    entry_of,
+    join,
+    parent_of,
+)
 from daemon.rules import HASH_SCHEME, Change, VolumeGate, classify, row_unchanged
 
 
@@ -36,6 +48,7 @@ class WalkJournal(Protocol):
     def queue(self, rows: Iterable[QueueRow]) -> None: ...
     def mark_gone(self, paths: Iterable[bytes]) -> None: ...
     def store_digests(self, digests: Iterable[tuple[bytes, int, int]]) -> None: ...
+    def store_listings(self, listings: Iterable[tuple[bytes, bytes]]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -47,7 +60,8 @@ class WalkState:
     queued: list[QueueRow] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)
     errors: dict[bytes, str] = field(default_factory=dict)
-    digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see Index.store_digests
+    digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see ScanJournal.store_digests
+    listings: list[tuple[bytes, bytes]] = field(default_factory=list)  # see ScanJournal.store_listings
     refreshed: set[bytes] = field(default_factory=set)  # folders whose own row this walk compared
     gate: VolumeGate = field(default_factory=VolumeGate)  # the volumes below the root (volumes.check)
     seen: int = 0
@@ -72,11 +86,13 @@ class WalkState:
         if self.digests:
             self.journal.store_digests(self.digests)
             self.digests = []
+        if self.listings:  # after `queued`, which holds the folders' own queue rows
+            self.journal.store_listings(self.listings)
+            self.listings = []
 
 
-# Stored after the 16-byte digest: how many children the folder had once excludes applied, so
-# a skipped folder still counts what it holds without matching each child against the globs.
-_DIGEST_BYTES = 16
+# Stored after the digest (LISTINGLISTING_DIGEST_BYTES): how many children the folder had once excludes
+# applied, so a skipped folder still counts what it holds without matching each child against the globs.
 
 
 def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]) -> bytes:
@@ -96,7 +112,7 @@ def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]
     hasher.update(b"\0".join(name for name, _st in children))
     hasher.update(array("Q", unsigned).tobytes())
     hasher.update(array("q", signed).tobytes())
-    return hasher.digest(_DIGEST_BYTES)
+    return hasher.digest(LISTING_DIGEST_BYTES)
 
 
 def digest_seed(excluded: Excluder) -> bytes:
@@ -269,12 +285,13 @@ def walk_scope(
             state.errors[dir_rel] = _error_text(e)
             continue
         digest = None
-        if folder is not None and not listing.vanished:
+        new_folder = dir_id is None
+        if (folder is not None or new_folder) and not listing.vanished:
             digest = listing_digest(seed, listing.children)
-            if folder.digest is not None and folder.digest[:_DIGEST_BYTES] == digest:
+            if folder is not None and folder.digest is not None and folder.digest[:LISTING_DIGEST_BYTES] == digest:
                 # The common case of a sync: nothing in this folder changed. Only its
                 # subfolders are looked at (their own children may have).
-                state.seen += int.from_bytes(folder.digest[_DIGEST_BYTES:], "little")
+                state.seen += int.from_bytes(folder.digest[LISTING_DIGEST_BYTES:], "little")
                 if recursive:
                     for name, raw in listing.children:
                         if stat_mod.S_ISDIR(raw.st_mode):
@@ -288,8 +305,13 @@ def walk_scope(
         compared = 0
         for name, raw in sorted(listing.children, key=_by_name):
             child = dir_rel + b"/" + name if dir_rel else name
-            if excluded(child) or (child in points and not _volume_child(state, child, raw, indexed)):
+            if excluded(child):
                 continue
+            if child in points:
+                if new_folder:
+                    digest = None  # a new folder holding a volume is compared in full next time
+                if not _volume_child(state, child, raw, indexed):
+                    continue
             compared += 1
             st = Stat.of(raw)
             row = indexed.pop(child, None)
@@ -316,6 +338,13 @@ def walk_scope(
         if all_unchanged and folder is not None and digest is not None:
             state.digests.append((digest + compared.to_bytes(4, "little"), folder.id, folder.generation))
             if len(state.digests) >= state.flush_every:
+                state.flush()
+        elif new_folder and digest is not None:
+            # Every child is queued as new: the digest holds once step 2 has written them all
+            # as found here (Stepper._count_child). Without it, the first sync after a first
+            # index compared every row: 3.9 s against 1.5 s for the syncs after (200k entries).
+            state.listings.append((dir_rel, digest + compared.to_bytes(4, "little")))
+            if len(state.listings) >= state.flush_every:
                 state.flush()
 
 

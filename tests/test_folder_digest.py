@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 import xattr
 
+from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
 from daemon.journal import ScanJournal
+from daemon.model import ScanScope
+from daemon.scan import scan
 from daemon.schema import MIGRATIONS, SCHEMA_VERSION, statements
 from daemon.toolstore import ToolStore
 from tests.engine import run_scan, settle
-from tests.test_scan_cases import sync
+from tests.test_scan_cases import _BetweenSteps, sync
 
 
 @pytest.fixture
@@ -59,12 +62,76 @@ def stored(index: Index, library: Path) -> None:
         assert digest_of(index, rel) is not None, rel
 
 
-@pytest.fixture
-def digested(library: Path, index: Index) -> Path:
+FOLDERS = ("photos", "photos/2001", "photos/2002", "docs")
+
+
+@pytest.fixture(params=["by the first index", "by a later sync"])
+def digested(request: pytest.FixtureRequest, library: Path, index: Index) -> Path:
     make_tree(library)
     sync(index, library, exclude=("*.tmp",))
-    stored(index, library)
+    if request.param == "by a later sync":
+        stored(index, library)
+    for rel in FOLDERS:
+        assert digest_of(index, rel) is not None, rel
     return library
+
+
+def test_a_first_index_stores_the_digest_of_every_folder_it_adds(library: Path, index: Index) -> None:
+    make_tree(library)
+    (library / "photos" / "empty").mkdir()
+    settle(library)
+    sync(index, library, exclude=("*.tmp",))
+    first = {rel: digest_of(index, rel) for rel in (*FOLDERS, "photos/empty")}
+    assert None not in first.values(), first
+    assert int.from_bytes((first["docs"] or b"")[16:], "little") == 5, "skip.tmp is excluded, not counted"
+    # The very digests a sync stores when it finds each folder equal: the next sync matches
+    # them (and so keeps them) instead of comparing every row, as the syncs after it do.
+    sync(index, library, exclude=("*.tmp",))
+    assert {rel: digest_of(index, rel) for rel in first} == first
+
+
+def test_a_new_folder_whose_child_changed_before_its_row_was_written_gets_no_digest(
+    library: Path, index: Index
+) -> None:
+    make_tree(library)
+    changed = library / "photos" / "2001" / "f3.jpg"
+    grows = _BetweenSteps(lambda: changed.write_bytes(b"grown after the walk listed it"))
+    report = scan(index, RootConfig(path=library, exclude=("*.tmp",)), [ScanScope(os.fsencode(library), b"")],
+                  SyncConfig(hash_workers=1), progress=grows)  # fmt: skip
+    assert report.clean
+    row = index.entry(1, b"photos/2001/f3.jpg")
+    assert row is not None and row.stat.size == len(b"grown after the walk listed it")
+    # The walk's digest of photos/2001 lists f3 as it was listed; its row holds what was hashed
+    # later. A digest must describe the rows as they are, so the folder is left without one.
+    assert digest_of(index, "photos/2001") is None
+    assert digest_of(index, "photos/2002") is not None and digest_of(index, "photos") is not None
+    sync(index, library, exclude=("*.tmp",))  # asserts index == disk
+
+
+def test_a_new_folder_whose_child_vanished_before_its_row_was_written_gets_no_digest(
+    library: Path, index: Index
+) -> None:
+    make_tree(library)
+    gone = library / "photos" / "2002" / "f4.jpg"
+    vanishes = _BetweenSteps(gone.unlink)
+    report = scan(index, RootConfig(path=library, exclude=("*.tmp",)), [ScanScope(os.fsencode(library), b"")],
+                  SyncConfig(hash_workers=1), progress=vanishes)  # fmt: skip
+    assert report.unstable == [b"photos/2002/f4.jpg"]
+    assert digest_of(index, "photos/2002") is None, "4 of its 5 children were written"
+    assert digest_of(index, "photos/2001") is not None
+    sync(index, library, exclude=("*.tmp",))
+
+
+def test_a_new_folder_with_a_racy_child_gets_no_digest(library: Path, index: Index) -> None:
+    make_tree(library)
+    racy = library / "docs" / "f1.jpg"
+    future = time.time_ns() + 3600 * 1_000_000_000  # always "in the same tick as the scan"
+    os.utime(racy, ns=(future, future))
+    sync(index, library, exclude=("*.tmp",))
+    row = index.entry(1, b"docs/f1.jpg")
+    assert row is not None and row.racy
+    assert digest_of(index, "docs") is None
+    assert digest_of(index, "photos/2001") is not None
 
 
 def test_a_skipped_folder_still_counts_its_children(digested: Path, index: Index) -> None:

@@ -262,6 +262,7 @@ def test_an_index_made_before_volumes_keeps_an_unplugged_disk(tmp_path: Path, ns
     with sqlite3.connect(db) as con:  # as an index of schema 6 was: nothing of 7 (volumes) or later
         con.execute("DROP TABLE volumes")
         con.execute("DROP TABLE replication")
+        con.execute("ALTER TABLE scan_queue DROP COLUMN listing")
         con.execute("PRAGMA user_version = 6")
     ns.run("umount", str(usb))
     result = ns.tw(db, "scan", "--root", str(root))
