@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import aiosqlite
 
 from daemon.model import ENTRY_COLUMNS, Entry, Kind, Op, RootState, Stat, VolumeState, entry_of
-from daemon.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from daemon.schema import CONTENT_INDEX, CONTENT_INDEX_SQL, MIGRATIONS, SCHEMA_VERSION, statements
 
 CHECKPOINT_PAGES = 8192  # of 4 KiB: SQLite's default page size
 # How long a connection waits for another one's write lock before failing: as long as systemd's
@@ -242,6 +242,7 @@ class Index:
                 # index dirties ~600 random pages per 1000 rows): 32 MiB between checkpoints
                 # took a first index of 100k small files from 4.3 s to 4.0 s.
                 self.db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
+                self._restore_content_index()
             else:
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -260,6 +261,40 @@ class Index:
 
     def close(self) -> None:
         self.db.close()
+
+    # --- the content-hash index during a first index -------------------------------------
+
+    def defer_content_index(self) -> bool:
+        """Drop the content-hash index while nothing at all is indexed; True when dropped.
+
+        A first index then inserts into three B-trees in near-sequential order instead of four,
+        and `build_content_index` sorts the lot once at its end. Only an empty table: the index
+        serves every root, and building it again over other roots' rows would cost more than
+        it saves. Nothing in a first index reads it (nothing is gone, so no rename is matched
+        by content); a reader meanwhile (`dupes`) scans instead, and a killed scan's index is
+        built again by the next open that finds no scan running (`_restore_content_index`).
+        """
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None:
+                return False
+            self.db.execute(f"DROP INDEX IF EXISTS {CONTENT_INDEX}")
+            return True
+
+    def build_content_index(self) -> None:
+        with self.transaction():
+            self.db.execute(CONTENT_INDEX_SQL)
+
+    def _restore_content_index(self) -> None:
+        """Build the content-hash index if a first index was killed before it could."""
+        present = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (CONTENT_INDEX,)
+        ).fetchone()
+        if present is None:
+            from daemon import fs  # only here: most opens find the index, and fs imports xattr
+
+            if any(fs.pid_alive(s.pid) for s in self.active_scans()):
+                return  # that scan builds it at its end
+            self.build_content_index()
 
     def _migrate(self) -> None:
         # One write transaction around the check and the migrations: two processes creating

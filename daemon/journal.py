@@ -317,7 +317,9 @@ class ScanJournal:
     def gone_with_hash(self, blake3: bytes, size: int, exclude: set[int]) -> tuple[int, bytes] | None:
         """A gone file with this content: the rename rule's last resort."""
         for entry_id, path in self.db.execute(
-            "SELECT e.id, e.path FROM entries e INDEXED BY entries_dupes"
+            # No INDEXED BY: the index may be missing while a first index of another root
+            # builds it (Index.defer_content_index); where it exists, the planner takes it.
+            "SELECT e.id, e.path FROM entries e"
             " JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
             " WHERE e.blake3 = ? AND e.size = ? AND e.kind = 'file' AND e.blake3 IS NOT NULL"
             " AND e.corrupt_blake3 IS NULL ORDER BY e.path",

@@ -197,6 +197,8 @@ def scan(
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
     procs = open_processes(sync.hash_workers, small_files)
+    # Step 2 writes the rows: with nothing indexed yet, the content-hash index is built once after.
+    content_index_dropped = index.defer_content_index()
     try:
         Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate).run()
     finally:
@@ -204,6 +206,8 @@ def scan(
             procs.close()
         if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
+        if content_index_dropped:
+            index.build_content_index()
     if report.interrupted:
         report.seconds = time.monotonic() - started
         return report

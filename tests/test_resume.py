@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.oracle import cli, diff, expected, indexed
+from tests.test_content_index import has_content_index
 
 FILES = 12_000
 SIZE = 8 * 1024  # per-file work dominates, so the scan takes seconds without a big corpus
@@ -71,6 +72,7 @@ def test_sigkill_then_resume_hashes_nothing_twice(library: Path, db: Path, tmp_p
             proc.wait()
     done_before = counter(db, "files_hashed")
     assert 0 < done_before < FILES, done_before
+    assert not has_content_index(db), "killed in step 2 of a first index, before the index is built"
 
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "--config", str(config), "scan"], capture_output=True, text=True, timeout=300
@@ -82,3 +84,4 @@ def test_sigkill_then_resume_hashes_nothing_twice(library: Path, db: Path, tmp_p
     assert status["roots"][0]["files"] == FILES and status["roots"][0]["bytes"] == total
     assert status["roots"][0]["state"] == "online"
     assert diff(expected(library), indexed(db, library)) == []
+    assert has_content_index(db)
