@@ -119,11 +119,11 @@ class ScanJournal:
     def queue(self, rows: Iterable[QueueRow]) -> None:
         with self.index.transaction():
             self.db.executemany(
-                "INSERT OR REPLACE INTO scan_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                "INSERT OR REPLACE INTO scan_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 [
                     (self.scan_id, r.path, r.reason, r.entry_id, r.parent_id, r.stat.kind.value, r.stat.size,
                      r.stat.mtime_ns, r.stat.ctime_ns, r.stat.inode, r.stat.dev, r.stat.mode, r.stat.uid,
-                     r.stat.gid, r.stat.nlink)
+                     r.stat.gid, r.stat.nlink, r.listing)
                     for r in rows
                 ],
             )  # fmt: skip
@@ -146,15 +146,6 @@ class ScanJournal:
         """
         with self.index.transaction():
             self.db.executemany("UPDATE entries SET children_digest = ? WHERE id = ? AND children_gen = ?", digests)
-
-    def store_listings(self, listings: Iterable[tuple[bytes, bytes]]) -> None:
-        """Keep (folder path, listing digest) with a new folder's queue row: it has no row to
-        hold a digest yet, and step 2 stores it once every child is written as walked."""
-        with self.index.transaction():
-            self.db.executemany(
-                "UPDATE scan_queue SET listing = ? WHERE scan_id = ? AND path = ?",
-                [(digest, self.scan_id, path) for path, digest in listings],
-            )
 
     def record_errors(self, errors: dict[bytes, str]) -> None:
         """Entries the walk could not read (kept in `status` until a scan reads them)."""

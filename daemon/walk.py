@@ -6,6 +6,7 @@ visit; what differs goes to the scan's queue table in the database, not into a l
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat as stat_mod
@@ -48,7 +49,6 @@ class WalkJournal(Protocol):
     def queue(self, rows: Iterable[QueueRow]) -> None: ...
     def mark_gone(self, paths: Iterable[bytes]) -> None: ...
     def store_digests(self, digests: Iterable[tuple[bytes, int, int]]) -> None: ...
-    def store_listings(self, listings: Iterable[tuple[bytes, bytes]]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -61,7 +61,6 @@ class WalkState:
     gone: list[bytes] = field(default_factory=list)
     errors: dict[bytes, str] = field(default_factory=dict)
     digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see ScanJournal.store_digests
-    listings: list[tuple[bytes, bytes]] = field(default_factory=list)  # see ScanJournal.store_listings
     refreshed: set[bytes] = field(default_factory=set)  # folders whose own row this walk compared
     gate: VolumeGate = field(default_factory=VolumeGate)  # the volumes below the root (volumes.check)
     seen: int = 0
@@ -86,13 +85,15 @@ class WalkState:
         if self.digests:
             self.journal.store_digests(self.digests)
             self.digests = []
-        if self.listings:  # after `queued`, which holds the folders' own queue rows
-            self.journal.store_listings(self.listings)
-            self.listings = []
 
 
 # Stored after the digest (LISTINGLISTING_DIGEST_BYTES): how many children the folder had once excludes
 # applied, so a skipped folder still counts what it holds without matching each child against the globs.
+
+
+# A folder the walk is still to list: its path, whether it has a row, its stat from its parent's
+# listing, whether to go below it, and a new folder's own queue row (queued when it is listed).
+_Folder = tuple[bytes, bool, "Stat | None", bool, "QueueRow | None"]
 
 
 def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]) -> bytes:
@@ -253,15 +254,19 @@ def walk_scope(
         reason, old_gone = _reason(entry, st)
         if old_gone:
             state.mark_gone(rel)
+        known = entry is not None and not old_gone
+        row = None
         if reason is not None:
             parent_id = journal.id_of(parent) if parent else 0
-            state.queue(QueueRow(rel, reason, entry.id if entry else None, parent_id, st, None))
+            row = QueueRow(rel, reason, entry.id if entry else None, parent_id, st, None)
+            if known or st.kind is not Kind.DIR:
+                state.queue(row)
+                row = None
         if st.kind is not Kind.DIR:
             return
-        known = entry is not None and not old_gone
-        stack: list[tuple[bytes, bool, Stat | None, bool]] = [(rel, known, st, scope.recursive or not known)]
+        stack: list[_Folder] = [(rel, known, st, scope.recursive or not known, row)]
     else:
-        stack = [(b"", True, None, scope.recursive)]
+        stack = [(b"", True, None, scope.recursive, None)]
 
     seed = digest_seed(excluded)
     points = state.gate.points  # mount points below the root: most walks have none
@@ -269,7 +274,8 @@ def walk_scope(
         if stopping():
             return
         # known: the folder has a row (b"" is the root, whose children have parent_id 0).
-        dir_rel, known, dir_stat, recursive = stack.pop()
+        # own_row: a new folder's own queue row, queued here with its listing, before its children.
+        dir_rel, known, dir_stat, recursive, own_row = stack.pop()
         folder = journal.folder_state(dir_rel) if known and dir_rel else None
         dir_id = 0 if not dir_rel else folder.id if folder is not None else None
         dir_abs = join(root_path, dir_rel)
@@ -279,10 +285,14 @@ def walk_scope(
             # It went away (or was swapped) after its parent was listed: the next scan of the
             # parent sees what is there now; nothing below it is deleted on this evidence.
             state.errors[dir_rel] = "changed while being walked"
+            if own_row is not None:
+                state.queue(own_row)
             continue
         except OSError as e:
             # Unreadable is not empty: what the index holds below it stays.
             state.errors[dir_rel] = _error_text(e)
+            if own_row is not None:
+                state.queue(own_row)
             continue
         digest = None
         new_folder = dir_id is None
@@ -298,11 +308,13 @@ def walk_scope(
                             child = dir_rel + b"/" + name if dir_rel else name
                             if excluded(child) or (child in points and not _volume_child(state, child, raw, {})):
                                 continue
-                            stack.append((child, True, Stat.of(raw), True))
+                            stack.append((child, True, Stat.of(raw), True, None))
                 continue
         indexed = journal.children_rows(dir_id) if dir_id is not None else {}
         all_unchanged = not listing.vanished
         compared = 0
+        # A new folder's children wait for its own row, which waits for their count (its digest).
+        rows_here: list[QueueRow] = []
         for name, raw in sorted(listing.children, key=_by_name):
             child = dir_rel + b"/" + name if dir_rel else name
             if excluded(child):
@@ -314,23 +326,29 @@ def walk_scope(
                     continue
             compared += 1
             st = Stat.of(raw)
-            row = indexed.pop(child, None)
-            if row is not None and row_unchanged(row, st):
+            indexed_row = indexed.pop(child, None)
+            if indexed_row is not None and row_unchanged(indexed_row, st):
                 # Decided without building the Entry (see row_unchanged).
                 if recursive and st.kind is Kind.DIR:
-                    stack.append((child, True, st, True))
+                    stack.append((child, True, st, True, None))
                 continue
             all_unchanged = False
-            entry = None if row is None else entry_of(row)
+            entry = None if indexed_row is None else entry_of(indexed_row)
             reason, old_gone = _reason(entry, st)
             if old_gone:
                 state.mark_gone(child)
-            if reason is not None:
-                state.queue(QueueRow(child, reason, entry.id if entry else None, dir_id, st, None))
-            if st.kind is Kind.DIR:
-                known_child = entry is not None and not old_gone
-                if not known_child or recursive:
-                    stack.append((child, known_child, st, True))  # a new one is walked whole
+            known_child = entry is not None and not old_gone
+            row = None if reason is None else QueueRow(child, reason, entry.id if entry else None, dir_id, st, None)
+            if st.kind is Kind.DIR and not known_child:
+                stack.append((child, False, st, True, row))  # a new one is walked whole, its row queued then
+                continue
+            if row is not None:
+                if own_row is None:
+                    state.queue(row)
+                else:
+                    rows_here.append(row)
+            if st.kind is Kind.DIR and recursive:
+                stack.append((child, True, st, True, None))
         state.seen += compared
         for child in indexed:
             all_unchanged = False
@@ -339,13 +357,15 @@ def walk_scope(
             state.digests.append((digest + compared.to_bytes(4, "little"), folder.id, folder.generation))
             if len(state.digests) >= state.flush_every:
                 state.flush()
-        elif new_folder and digest is not None:
+        if own_row is not None:
             # Every child is queued as new: the digest holds once step 2 has written them all
             # as found here (Stepper._count_child). Without it, the first sync after a first
             # index compared every row: 3.9 s against 1.5 s for the syncs after (200k entries).
-            state.listings.append((dir_rel, digest + compared.to_bytes(4, "little")))
-            if len(state.listings) >= state.flush_every:
-                state.flush()
+            if new_folder and digest is not None:
+                own_row = dataclasses.replace(own_row, listing=digest + compared.to_bytes(4, "little"))
+            state.queue(own_row)
+            for row in rows_here:
+                state.queue(row)
 
 
 def _by_name(child: tuple[bytes, os.stat_result]) -> bytes:
