@@ -54,6 +54,7 @@ class Batch:
     digests: list[tuple[bytes, bytes]] = field(default_factory=list)
     done_files: int = 0
     done_bytes: int = 0
+    found: tuple[int, int] | None = None  # a first index: files and bytes its walk found so far
 
     def __len__(self) -> int:
         return len(self.writes) + len(self.deletes) + len(self.queue_done)
@@ -484,6 +485,10 @@ class ScanJournal:
             self.db.executemany(
                 "DELETE FROM scan_queue WHERE scan_id = ? AND path = ?", [(self.scan_id, p) for p in batch.queue_done]
             )
+            if batch.found is not None:
+                self.db.execute(
+                    "UPDATE scans SET queued_files = ?, queued_bytes = ? WHERE id = ?", (*batch.found, self.scan_id)
+                )
             if batch.done_files or batch.done_bytes:
                 self.db.execute(
                     "UPDATE scans SET done_files = done_files + ?, done_bytes = done_bytes + ?, state = 'hashing'"

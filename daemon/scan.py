@@ -10,6 +10,7 @@ is not queued, so nothing committed is hashed twice.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import threading
@@ -20,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from daemon import fs, volumes
 from daemon.config import RootConfig, SyncConfig
 from daemon.filters import Excluder
-from daemon.hasher import GROUP_FILE_MAX, open_processes
+from daemon.hasher import GROUP_FILE_MAX, PROCESS_MIN_FILES, open_processes
 from daemon.index import Index, RootRow
 from daemon.journal import Batch, ScanJournal
-from daemon.model import Kind, Op, RootState, ScanKind, ScanReport, ScanScope, is_within, join
+from daemon.model import Kind, Op, QueueRow, RootState, ScanKind, ScanReport, ScanScope, is_within, join
 from daemon.progress import NoProgress, Progress
 from daemon.rules import RootProbe, offline_reason
-from daemon.stepper import Stepper
-from daemon.walk import WalkState, walk_scope
+from daemon.stepper import CountedRows, Stepper
+from daemon.walk import StreamedWalk, WalkState, walk_scope
 
 
 def scan_kind(scopes: Sequence[ScanScope], is_dir: Callable[[bytes], bool]) -> ScanKind:
@@ -128,6 +129,54 @@ def _delete_gone(journal: ScanJournal, root: RootRow, sync: SyncConfig, report: 
         report.ops[Op.DELETED] += len(chunk)
 
 
+def _first_index(index: Index, journal: ScanJournal, root_path: bytes, scope: ScanScope, sync: SyncConfig,
+                 excluded: Excluder, found: volumes.Volumes, report: ScanReport, progress: Progress,
+                 stop: threading.Event, pool: ThreadPoolExecutor | None) -> None:  # fmt: skip
+    """Steps 1 and 2 side by side for a root with nothing indexed (walk.StreamedWalk); there is
+    no step 3. Resumed like any scan: killed, the next one finds the root no longer empty and
+    takes the queued path, in which all that was committed compares unchanged."""
+    progress.phase(root_path, "walking")
+    walk = StreamedWalk(lambda j: WalkState(j, sync.batch_size, gate=found.gate), root_path, scope, excluded,
+                        stop.is_set)  # fmt: skip
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
+    procs = None
+    content_index_dropped = False
+    try:
+        # Worker processes pay off from PROCESS_MIN_FILES small files on (open_processes): read
+        # that far ahead of step 2 to know. The queued path counts them in its queue instead.
+        rows = walk.rows()
+        ahead: list[QueueRow] = []
+        small_files = 0
+        for row in rows:
+            ahead.append(row)
+            if row.stat.kind is Kind.FILE and row.stat.size <= GROUP_FILE_MAX:
+                small_files += 1
+                if small_files >= PROCESS_MIN_FILES:
+                    break
+        # Under PROCESS_MIN_FILES small files, the walk is over before step 2 begins.
+        journal.set_state("hashing")
+        progress.phase(root_path, "hashing")
+        procs = open_processes(sync.hash_workers, small_files)
+        content_index_dropped = index.defer_content_index()
+        counted = CountedRows(itertools.chain(ahead, rows))
+        Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate,
+                streamed=counted).run()  # fmt: skip
+        journal.set_state("hashing", queued_files=counted.files, queued_bytes=counted.bytes)  # all found
+    finally:
+        walk.close()
+        if procs is not None:
+            procs.close()
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if content_index_dropped:
+            index.build_content_index()
+    report.walked = walk.state.seen
+    if walk.state.errors:
+        journal.record_errors(walk.state.errors)
+        report.error_count += len(walk.state.errors)
+
+
 def scan(
     index: Index,
     root_config: RootConfig,
@@ -174,6 +223,14 @@ def scan(
     previous_errors = {p for p, _ in index.errors(root.id, limit=1_000_000)}
     for scope in scopes:
         journal.clear_errors_under(scope.subtree)
+
+    if kind is ScanKind.FULL and len(scopes) == 1 and not index.has_entries(root.id):
+        _first_index(index, journal, root_path, scopes[0], sync, excluded, found, report, progress, stop, pool)
+        if not report.interrupted:
+            journal.finish(full=True, counter=f"scans_{kind.value}")
+        report.errors = {p: e for p, e in index.errors(root.id, limit=1_000_000) if p not in previous_errors}
+        report.seconds = time.monotonic() - started
+        return report
 
     progress.phase(root_path, "walking")
     walk = WalkState(journal, sync.batch_size, gate=found.gate)

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from daemon import fs
@@ -39,18 +40,38 @@ class _Listing:
     written: int = 0
 
 
+class CountedRows:
+    """A first index's rows as they come from its walk, counted: `status` shows them as queued."""
+
+    def __init__(self, rows: Iterable[QueueRow]) -> None:
+        self.rows = rows
+        self.files = self.bytes = 0
+
+    def __iter__(self) -> Iterator[QueueRow]:
+        for row in self.rows:
+            if row.stat.kind is Kind.FILE:
+                self.files += 1
+                self.bytes += row.stat.size
+            yield row
+
+
 class Stepper:
     """Step 2 for one scan: the queue becomes rows, files hashed by worker threads or processes."""
 
     def __init__(self, journal: ScanJournal, root_path: bytes, sync: SyncConfig, report: ScanReport,
                  progress: Progress, pool: ThreadPoolExecutor, procs: HashProcesses | None,
-                 stop: threading.Event, *, gate: VolumeGate | None = None) -> None:  # fmt: skip
+                 stop: threading.Event, *, gate: VolumeGate | None = None,
+                 streamed: CountedRows | None = None) -> None:  # fmt: skip
         self.journal, self.root_path, self.sync = journal, root_path, sync
         self.report, self.progress, self.pool, self.procs, self.stop = report, progress, pool, procs, stop
         self.root_fs_type = fs.fs_type(root_path)
         self.granularity = granularity_ns(self.root_fs_type)
         self.gate = gate or VolumeGate()
         self.batch = Batch()
+        # A first index's rows straight from its walk (walk.StreamedWalk), not from the queue
+        # table: nothing to match, park or write early, and no queue rows to delete.
+        self.streamed = streamed
+        self.rows_in_batch = 0
         self.last_commit = time.monotonic()
         self.hash_matched: set[int] = set()
         self.any_gone = journal.any_gone()
@@ -65,14 +86,21 @@ class Stepper:
         self.listings: dict[bytes, _Listing] = {}
 
     def commit(self) -> None:
+        if self.streamed is not None:
+            self.batch.found = (self.streamed.files, self.streamed.bytes)
         if len(self.batch) or self.batch.counters or self.batch.errors:
             self.journal.commit(self.batch)
         self.batch = Batch()
+        self.rows_in_batch = 0
         self.last_commit = time.monotonic()
 
     def run(self) -> None:
-        self.rename_sources.update(self.journal.rename_targets())
-        rows = self.journal.queued()
+        rows: Iterable[QueueRow]
+        if self.streamed is None:
+            self.rename_sources.update(self.journal.rename_targets())
+            rows = self.journal.queued()
+        else:
+            rows = self.streamed
         for row, pending in hash_in_order(rows, self._to_hash, self.pool, self.procs, self.stop.is_set):
             self._finish(row, pending)
         self.commit()
@@ -147,7 +175,7 @@ class Stepper:
         self.in_progress.add(row.path)
         try:
             # A row in path order is written regardless: whatever it depends on came before it.
-            if not self._ready(row, depth) and depth:
+            if self.streamed is None and not self._ready(row, depth) and depth:
                 return False
             self._write_row_now(row, future)
             return True
@@ -157,7 +185,9 @@ class Stepper:
     def _write_row_now(self, row: QueueRow, future: Pending | None) -> None:
         abs_path = join(self.root_path, row.path)
         write = self._write_for(row, abs_path, future)
-        self.batch.queue_done.append(row.path)
+        self.rows_in_batch += 1
+        if self.streamed is None:
+            self.batch.queue_done.append(row.path)
         self._count_child(row, write)
         if row.listing is not None and _as_walked(row, write):
             listing = _Listing(row.listing, int.from_bytes(row.listing[LISTING_DIGEST_BYTES:], "little"))
@@ -186,8 +216,8 @@ class Stepper:
                 # are looked at again (torture seed 1, burst 2: `ln a b; echo >> a` left b
                 # with a's old size and hash in the index for good).
                 self.report.linked += self.journal.stale_links(write.path, write.stat)
-        # batch_size counts entries, one queue row each (len(batch) counts a write and its queue row).
-        if len(self.batch.queue_done) >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
+        # batch_size counts entries (len(batch) counts a write and its queue row).
+        if self.rows_in_batch >= self.sync.batch_size or time.monotonic() - self.last_commit > COMMIT_EVERY_S:
             self.commit()
 
     def _count_child(self, row: QueueRow, write: Write | None) -> None:
