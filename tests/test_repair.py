@@ -123,7 +123,8 @@ def test_every_command_says_one_line(library: Path, db: Path, seed: int) -> None
 def test_run_repairs_and_rereads_a_small_fraction(tmp_path: Path, library: Path, db: Path, seed: int) -> None:
     size = indexed_db(library, db, seed)
     old_epoch = json.loads(cli(db, "status", "--json").stdout)["feed"]["epoch"]
-    damage(db, seed)
+    held = pages_of(db)
+    broken = {page for at in damage(db, seed) for page in (at // PAGE + 1, (at + PAGE - 1) // PAGE + 1)}
     damaged_bytes = db.read_bytes()
     d = Daemon(write_config(tmp_path / "c.toml", db, [library]), db, [library], tmp_path / "d.log").start()
     try:
@@ -138,8 +139,12 @@ def test_run_repairs_and_rereads_a_small_fraction(tmp_path: Path, library: Path,
     assert REPAIRED_ID in log, log[-3000:]
     kept = damaged_files(db)
     assert kept and kept[0].read_bytes() == damaged_bytes, kept  # set aside, as it was
-    # A small fraction of the library is read again: what the broken pages held.
-    assert reread < 0.2 * size, (reread, size)
+    # A small fraction of the library is read again: what the broken pages held. A page of one
+    # of the B-trees a salvaged row needs (the table, its path, its content hash: salvage._vouch)
+    # holds about 1/pages of its rows; beyond that share, something else was lost.
+    share = sum(1 / len(held[name]) for name in ("entries", "entries_by_path", "entries_dupes")
+                for page in broken if page in held[name])  # fmt: skip
+    assert reread <= (share + 0.05) * size, (reread, size, share)
     # The feed is a new epoch: an old cursor is told so, and the new feed replays to the index.
     reset = cli(db, "changes", "--since", "5", "--epoch", old_epoch, "--json", check=False)
     assert reset.returncode == 3 and json.loads(reset.stdout)["reset"] == "epoch", reset
