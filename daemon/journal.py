@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.index import Index, IndexError_, subtree_bounds, subtree_sql, under_sql
-from daemon.model import ENTRY_COLUMNS, Entry, EntryRow, FolderState, Kind, Op, QueueRow, Stat, parent_of
+from daemon.model import (
+    ENTRY_COLUMNS,
+    LISTING_DIGEST_BYTES,
+    Entry,
+    EntryRow,
+    FolderState,
+    Kind,
+    Op,
+    QueueRow,
+    Stat,
+    parent_of,
+)
 
 
 @dataclass(slots=True)
@@ -476,11 +487,15 @@ class ScanJournal:
                 "UPDATE entries SET children_gen = children_gen + 1, children_digest = NULL WHERE id = ?",
                 [(p,) for p in parents],
             )
-            # After the line above, which cleared the digests of these very folders.
+            # After the line above, which cleared the digests of these very folders. A digest
+            # counts the folder's children: any other row below it (written after the count was
+            # reached, in this batch) and the folder is compared in full next time instead.
             self.db.executemany(
-                "UPDATE entries SET children_digest = ? WHERE root_id = ? AND path = ? AND kind = 'dir'",
-                [(digest, root_id, path) for path, digest in batch.digests],
-            )
+                "UPDATE entries SET children_digest = :digest WHERE root_id = :root AND path = :path AND kind = 'dir'"
+                " AND (SELECT count(*) FROM entries c WHERE c.root_id = :root AND c.parent_id = entries.id) = :count",
+                [{"digest": digest, "root": root_id, "path": path,
+                  "count": int.from_bytes(digest[LISTING_DIGEST_BYTES:], "little")} for path, digest in batch.digests],
+            )  # fmt: skip
             self.db.executemany("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", feed)
             self.db.executemany(
                 "DELETE FROM scan_queue WHERE scan_id = ? AND path = ?", [(self.scan_id, p) for p in batch.queue_done]

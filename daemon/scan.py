@@ -233,7 +233,7 @@ def scan(
         return report
 
     progress.phase(root_path, "walking")
-    walk = WalkState(journal, sync.batch_size, gate=found.gate)
+    walk = WalkState(journal, sync.batch_size, gate=found.gate, listed=set() if len(scopes) > 1 else None)
     for scope in scopes:
         walk_scope(walk, root_path, scope, excluded, stop.is_set)
     walk.flush()

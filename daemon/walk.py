@@ -62,6 +62,11 @@ class WalkState:
     errors: dict[bytes, str] = field(default_factory=dict)
     digests: list[tuple[bytes, int, int]] = field(default_factory=list)  # see ScanJournal.store_digests
     refreshed: set[bytes] = field(default_factory=set)  # folders whose own row this walk compared
+    # New folders listed so far, when one scan walks several scopes: two scopes below the same
+    # new folder walk it twice (from the highest unknown ancestor), and the second listing can
+    # differ from the first, whose children are queued too. Such a folder keeps no digest.
+    # None for one scope, which lists each folder once (torture seed 20261202, 600 s).
+    listed: set[bytes] | None = None
     gate: VolumeGate = field(default_factory=VolumeGate)  # the volumes below the root (volumes.check)
     seen: int = 0
 
@@ -361,7 +366,11 @@ def walk_scope(
             # Every child is queued as new: the digest holds once step 2 has written them all
             # as found here (Stepper._count_child). Without it, the first sync after a first
             # index compared every row: 3.9 s against 1.5 s for the syncs after (200k entries).
-            if new_folder and digest is not None:
+            listed_before = False
+            if state.listed is not None:
+                listed_before = dir_rel in state.listed
+                state.listed.add(dir_rel)
+            if new_folder and digest is not None and not listed_before:
                 own_row = dataclasses.replace(own_row, listing=digest + compared.to_bytes(4, "little"))
             state.queue(own_row)
             for row in rows_here:

@@ -280,3 +280,27 @@ def test_an_index_of_schema_3_is_migrated_and_its_folders_digested(library: Path
         stored(index, library)
     finally:
         index.close()
+
+
+def test_a_new_folder_walked_by_two_scopes_of_one_scan_gets_no_digest(library: Path, index: Index) -> None:
+    """Two scopes below a folder the index does not know both walk it whole (from the highest
+    unknown ancestor), and what the first listing queued stays queued beside the second's: the
+    rows written below it are then not one listing's, and a digest of either could skip a row
+    that is not on disk for good (torture seed 20261202)."""
+    (library / "indexed.txt").write_bytes(b"already there")
+    settle(library)
+    sync(index, library)
+    folder = library / "new"
+    folder.mkdir()
+    for name in ("x.jpg", "y.jpg", "z.jpg"):
+        (folder / name).write_bytes(name.encode() * 100)
+    settle(library)
+    root = os.fsencode(library)
+    scopes = [ScanScope(root, b"new/x.jpg", False), ScanScope(root, b"new/y.jpg", False)]
+    report = scan(index, RootConfig(path=library), scopes, SyncConfig(hash_workers=1))
+    assert report.clean
+    assert index.entry(1, b"new/z.jpg") is not None, "the folder was walked whole"
+    assert digest_of(index, "new") is None
+    sync(index, library)
+    sync(index, library)
+    assert digest_of(index, "new") is not None, "digested the usual way once found equal"
