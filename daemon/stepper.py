@@ -82,6 +82,8 @@ class Stepper:
         self.in_progress: set[bytes] = set()
         self.done_early: set[bytes] = set()  # rows written ahead of path order (see _first)
         self.last_in_order = b""
+        # New folders whose row was not written: what the walk found below them waits too.
+        self.unwritten_folders: set[bytes] = set()
         # New folders by path, until each of their children is written (see _count_child).
         self.listings: dict[bytes, _Listing] = {}
 
@@ -184,7 +186,15 @@ class Stepper:
 
     def _write_row_now(self, row: QueueRow, future: Pending | None) -> None:
         abs_path = join(self.root_path, row.path)
-        write = self._write_for(row, abs_path, future)
+        if row.parent_id is None and parent_of(row.path) in self.unwritten_folders:
+            # Its new folder's row was not written (it changed after the walk): neither is this
+            # one, which would have no parent row; both are looked at again, as the folder is.
+            self._unstable(row)
+            write = None  # its hash, done (hash_in_order yields a row once it is), goes unused
+        else:
+            write = self._write_for(row, abs_path, future)
+        if write is None and row.stat.kind is Kind.DIR and row.entry_id is None:
+            self.unwritten_folders.add(row.path)
         self.rows_in_batch += 1
         if self.streamed is None:
             self.batch.queue_done.append(row.path)
@@ -276,11 +286,7 @@ class Stepper:
             return self._hashed_write(row, future)
         except (fs.Moved, Unstable, FileNotFoundError, NotADirectoryError):
             # It changed between the walk and now: not stored as hashed, looked at again later.
-            self.report.unstable.append(row.path)
-            if row.renamed_from is not None:
-                # Matching took the source off the gone list; its row stays where it was until
-                # both ends are looked at again, together (the daemon adds them in one round).
-                self.report.unstable.append(self.journal.path_of(row.renamed_from))
+            self._unstable(row)
             return None
         except OSError as e:
             self.batch.errors[row.path] = f"{os.strerror(e.errno or 0) if e.errno else e}"
@@ -295,6 +301,13 @@ class Stepper:
                 if old is not None and old.id == entry_id and old.blake3 is None and old.stat == st:
                     return None  # still unreadable, nothing else moved: no new feed entry per pass
             return Write(op, row.path, st, entry_id, row.parent_id, blake3=None)
+
+    def _unstable(self, row: QueueRow) -> None:
+        self.report.unstable.append(row.path)
+        if row.renamed_from is not None:
+            # Matching took the source off the gone list; its row stays where it was until
+            # both ends are looked at again, together (the daemon adds them in one round).
+            self.report.unstable.append(self.journal.path_of(row.renamed_from))
 
     @staticmethod
     def _target(abs_path: bytes, kind: Kind) -> bytes | None:

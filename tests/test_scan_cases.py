@@ -542,3 +542,34 @@ def test_a_gone_path_clears_rows_below_it_even_without_its_own_row(library: Path
     (library / "d").rmdir()
     run_scan(index, library, subtrees=(b"d",))
     assert diff(expected(library), rows(index, library)) == []
+
+
+@pytest.mark.parametrize("indexed_before", [False, True], ids=["first index", "into an indexed root"])
+def test_a_file_whose_new_folder_was_swapped_after_the_walk_waits_with_it(
+    library: Path, index: Index, indexed_before: bool
+) -> None:
+    """The walk found a new folder and a file in it; before their rows were written the folder
+    was swapped for another (mv new held; mkdir new; mv held/x new/x), so the folder's row cannot
+    be written (another inode) while the file's still could: it would have no parent row. Both
+    wait for the next round, which finds them (torture seed 20261202, 600 s: the scan failed
+    "parent ... is not indexed" and its retry did the work)."""
+    if indexed_before:
+        (library / "indexed.txt").write_bytes(b"already there")
+        settle(library)
+        sync(index, library)
+    (library / "new").mkdir()
+    (library / "new" / "x.jpg").write_bytes(b"x" * 3000)
+    settle(library)
+
+    def swap() -> None:
+        os.rename(library / "new", library / "held")
+        (library / "new").mkdir()
+        os.rename(library / "held" / "x.jpg", library / "new" / "x.jpg")
+
+    root = os.fsencode(library)
+    report = scan(index, RootConfig(path=library), [ScanScope(root, b"")], SyncConfig(hash_workers=1),
+                  progress=_BetweenSteps(swap))  # fmt: skip
+    assert {b"new", b"new/x.jpg"} <= set(report.unstable), report.unstable
+    assert index.entry(1, b"new/x.jpg") is None
+    run_scan(index, library, subtrees=(b"",))
+    assert diff(expected(library), rows(index, library)) == []
