@@ -203,8 +203,11 @@ def walk_scope(
     if rel:
         # An event below a folder the index does not know yet (its own creation event may
         # still be pending): walk from the highest unknown ancestor, so parents come first.
+        # Known as a folder: a row that is a symlink or a file (`mv d away; ln -s x d`, then
+        # back) would take the children of the folder now on disk, rows below a symlink that
+        # no later walk descends to, and that collide with the folder's own children later.
         parent = parent_of(rel)
-        while parent and journal.id_of(parent) is None:
+        while parent and journal.folder_state(parent) is None:
             rel, parent = parent, parent_of(parent)
             scope = ScanScope(scope.root, rel, True)
         if excluded.any_component(rel) or state.gate.frozen(rel) or state.gate.outside(rel):

@@ -573,3 +573,33 @@ def test_a_file_whose_new_folder_was_swapped_after_the_walk_waits_with_it(
     assert index.entry(1, b"new/x.jpg") is None
     run_scan(index, library, subtrees=(b"",))
     assert diff(expected(library), rows(index, library)) == []
+
+
+def test_a_scope_below_a_folder_indexed_as_a_symlink_walks_the_folder(
+    library: Path, index: Index, tmp_path: Path
+) -> None:
+    """`mv swap away; ln -s elsewhere swap`, indexed; then `rm swap; mv away swap`, and only a
+    file's event below it and the move's source arrive. The index knows `swap` as a symlink: the file's row was
+    written below the symlink's (a row no walk descends to), and a later walk of the folder
+    failed on it: "UNIQUE constraint failed: entries.root_id, entries.path" on every retry
+    (torture seed 20261202, 600 s, the symlink swap test). The scope starts at the folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    swap, away = library / "swap", library / "away"
+    swap.mkdir()
+    for i in range(3):
+        (swap / f"f{i}").write_bytes(bytes([i]) * 100)
+    settle(library)
+    sync(index, library)
+    os.rename(swap, away)
+    os.symlink(elsewhere, swap)
+    sync(index, library)
+    os.unlink(swap)
+    os.rename(away, swap)
+    run_scan(index, library, subtrees=(b"swap/f0", b"away"))  # the folder's own move is elsewhere in the round
+    below_a_non_folder = index.db.execute(
+        "SELECT c.path FROM entries c JOIN entries p ON p.id = c.parent_id WHERE p.kind != 'dir'"
+    ).fetchall()
+    assert below_a_non_folder == []
+    assert diff(expected(library), rows(index, library)) == []
+    sync(index, library)
