@@ -21,7 +21,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
+from daemon.model import ScanScope
+from daemon.scan import scan
 from tests.engine import replay, rows, run_scan
 from tests.oracle import diff, expected
 
@@ -179,6 +182,41 @@ class ScanMachine(RuleBasedStateMachine):
         if (p := self._pick(links, src)) is not None:
             p.unlink()
             p.symlink_to(to)
+
+    @rule(d=st.integers(0, 50))
+    def folder_swapped_for_a_symlink_or_back(self, d: int) -> None:
+        """`mv f f.away; ln -s elsewhere f`, or its undoing (torture's symlink swap)."""
+        links = [p for p in self._all() if p.is_symlink() and p.with_name(p.name + ".away").is_dir()]
+        if (link := self._pick(links, d)) is not None:
+            link.unlink()
+            link.with_name(link.name + ".away").rename(link)
+        elif (folder := self._pick(self._dirs()[1:], d)) is not None and not folder.name.endswith(".away"):
+            away = folder.with_name(folder.name + ".away")
+            if not away.exists() and not away.is_symlink():
+                folder.rename(away)
+                folder.symlink_to("nowhere")
+
+    @rule(data=st.data())
+    def scoped_scan(self, data: st.DataObject) -> None:
+        """A daemon's round: a few scopes, some of them gone, as events name them. It need not
+        bring the index equal to the disk (what it was not told of stays), but what it writes
+        holds together: every row below a folder row, at that folder's path."""
+        seen = [p.relative_to(self.root) for p in self._all()]
+        names = sorted({os.fsencode(p) for p in seen} | {b"a/a0", b"dd", b"c/b"})
+        picks = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True))
+        recursive = data.draw(st.lists(st.booleans(), min_size=len(picks), max_size=len(picks)))
+        root = os.fsencode(self.root)
+        scopes = [ScanScope(root, p, r) for p, r in zip(picks, recursive, strict=True)]
+        report = scan(self.index, RootConfig(path=self.root, exclude=EXCLUDE), scopes, SyncConfig(batch_size=3))
+        assert report.clean, report
+        misplaced = [
+            (bytes(child), bytes(parent), kind)
+            for child, parent, kind in self.index.db.execute(
+                "SELECT c.path, p.path, p.kind FROM entries c JOIN entries p ON p.id = c.parent_id"
+            )
+            if kind != "dir" or not bytes(child).startswith(bytes(parent) + b"/")
+        ]
+        assert misplaced == []
 
     @rule(minutes=st.integers(1, 3))
     def settle(self, minutes: int) -> None:
