@@ -89,7 +89,10 @@ class Stepper:
 
     def commit(self) -> None:
         if self.streamed is not None:
+            # The totals of a first index grow until its walk ends: the progress bar and
+            # `status` show what was found so far.
             self.batch.found = (self.streamed.files, self.streamed.bytes)
+            self.progress.total(*self.batch.found)
         if len(self.batch) or self.batch.counters or self.batch.errors:
             self.journal.commit(self.batch)
         self.batch = Batch()
