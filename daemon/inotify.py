@@ -16,6 +16,7 @@ comments are those of watchdog 7.1.0 (``inotify.py`` is ``watchdog/observers/ino
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -406,9 +407,17 @@ class _Observer(BaseObserver):
         self.name = f"treewatch-dispatch {os.fsdecode(session.paths.top)}"
 
     def on_thread_stop(self) -> None:
-        super().on_thread_stop()
-        self._inotify_fd.stop()
-        self._inotify_fd.join()
+        # watchdog's teardown removes watch by watch through its path maps, which can disagree
+        # once a folder was seen under two names (KeyError in _remove_watch_internally): it
+        # raised here, the supervisor thread died with it and the root went unwatched for good
+        # (torture seed 13631969). The session is thrown away either way: closing the inotify
+        # instance below removes every watch at once, and the supervisor starts a new session.
+        try:
+            with contextlib.suppress(Exception):
+                super().on_thread_stop()
+        finally:
+            self._inotify_fd.stop()
+            self._inotify_fd.join()
 
     def run(self) -> None:
         try:

@@ -230,15 +230,24 @@ class RootWatcher:
                         session, trouble, self._retry_at = None, None, None
                         break
                     self._cond.wait(None if self._retry_at is None else self._retry_at - time.monotonic())
-            with self._ctl:
-                if self._stopping.is_set():
-                    return
-                if trouble is None:
-                    self._retry()
-                elif session is self._session:
-                    assert session is not None
-                    self._teardown(session)
-                    self._fall_back(trouble)
+            try:
+                with self._ctl:
+                    if self._stopping.is_set():
+                        return
+                    if trouble is None:
+                        self._retry()
+                    elif session is self._session:
+                        assert session is not None
+                        self._teardown(session)
+                        self._fall_back(trouble)
+            except Exception as e:
+                # Whatever escapes here would end this thread and every later restart with it:
+                # the root unwatched for good, nothing said (torture seed 13631969, a teardown
+                # inside watchdog). Said once as a death; polled; retried with the backoff.
+                self._set_mode("polling")
+                self._schedule_retry(self._retry_delay)
+                detail = f"{self.root.path}: restarting inotify failed: {e!r}; polling until it is restarted"
+                self.emit(WatchEvent(EventKind.OBSERVER_DIED, detail=detail))
 
     def _retry(self) -> None:
         trouble = self._attempt()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent
 
 from daemon.config import RootConfig, WatchConfig
@@ -378,6 +378,47 @@ def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeyp
             assert run.watcher.mode == "inotify"
             (library / "after").write_text("a")
             await run.seen(CHANGED, b"after")
+
+    asyncio.run(scenario())
+
+
+def test_a_teardown_that_fails_inside_watchdog_still_restarts_inotify(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watchdog's teardown walks its path maps watch by watch; once they disagree (a folder seen
+    under two names) it raises KeyError. That killed the supervisor thread, and the root stayed
+    unwatched for good with nothing said (torture seed 13631969). Fault injection into watchdog:
+    its emitter dies on "boom", and its maps disagree when the dead session is torn down."""
+    (library / "sub").mkdir()
+    emit = InotifyEmitter.build_and_queue_event
+    remove = InotifyWatchGroup._remove_watch_internally
+    armed: list[bool] = []
+
+    def dies(self: InotifyEmitter, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
+        path = getattr(event, "path", b"")
+        if isinstance(path, bytes) and path.endswith(b"/boom") and not armed:
+            armed.append(True)
+            raise RuntimeError("injected")
+        emit(self, event, full_events=full_events)
+
+    def disagrees(self: InotifyWatchGroup, wd: Any) -> None:
+        if armed and len(armed) == 1:
+            armed.append(True)
+            self._active_callbacks_by_path.pop(self._active_callbacks_by_watch[wd], None)
+        remove(self, wd)
+
+    monkeypatch.setattr(InotifyEmitter, "build_and_queue_event", dies)
+    monkeypatch.setattr(InotifyWatchGroup, "_remove_watch_internally", disagrees)
+
+    async def scenario() -> None:
+        async with watching(library) as run:
+            (library / "boom").write_text("b")
+            await run.seen(EventKind.OBSERVER_DIED)
+            await run.seen(EventKind.INOTIFY_RESTORED)
+            assert len(armed) == 2, "the teardown met the disagreeing maps"
+            assert run.watcher.mode == "inotify"
+            (library / "sub" / "after").write_text("a")
+            await run.seen(CHANGED, b"sub/after")
 
     asyncio.run(scenario())
 
