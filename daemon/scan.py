@@ -4,7 +4,8 @@ Step 1 is walk.py, step 2 stepper.py, step 3 `_delete_gone` below; the scan's bo
 its journal (journal.py). The index itself is the scan's progress record: every batch commits
 its rows together with the queue rows it consumed, so a scan interrupted at any point (SIGTERM,
 kill -9, power cut) is resumed by scanning again — what was committed now matches the disk and
-is not queued, so nothing committed is hashed twice.
+is not queued, so nothing committed is hashed twice. A first index (a full scan of a root with
+nothing indexed) runs steps 1 and 2 side by side instead, without the queue (`_first_index`).
 """
 
 from __future__ import annotations

@@ -240,8 +240,10 @@ class Stepper:
 
         A digest stored in the index must describe children rows that are there as compared
         (ScanJournal.store_digests): the walk's digest of a new folder does once every child
-        it counted has its row with the very stat it listed, and nothing else can be below a
-        folder this scan created.
+        it counted has its row with the very stat it listed. Nothing else is below a folder this
+        scan created: one walked twice (two scopes below it) carries no listing (walk.py,
+        `WalkState.listed`), and the commit stores a digest only where the folder's child rows
+        number what it counts (ScanJournal.commit).
         """
         parent = parent_of(row.path)
         listing = self.listings.get(parent)
