@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from daemon import feed, fs, logs
+from daemon import fs, logs, upkeep
 from daemon.aggregate import Aggregator
 from daemon.config import Config, RootConfig
 from daemon.events import EventKind, WatchEvent
-from daemon.filters import Excluder
-from daemon.index import AsyncIndex, DamagedError, Index, ReplicationRow, check_file, is_damage
+from daemon.index import AsyncIndex, DamagedError, Index, ReplicationRow, is_damage
 from daemon.logs import MessageId
-from daemon.metrics import write_textfile
 from daemon.model import Mount, Op, ScanKind, ScanReport, ScanScope, is_within, join
 from daemon.mountwatch import MountWatcher
-from daemon.progress import LiveProgress
 from daemon.rebuild import needs_rebuild, rebuild
-from daemon.rules import HASH_SCHEME, mounts_below, polled_volumes
+from daemon.rules import HASH_SCHEME
+from daemon.runtime import PENDING_PATHS_SHOWN, RootRuntime, mount_identity, read_mount_table
 from daemon.scan import scan
 from daemon.watch import RootWatcher
 
@@ -62,77 +57,6 @@ GUARD_EVERY_S = 1.0
 # doubled for each end in a row up to the maximum, with one full sync of its root.
 WORKER_RESTART_S = 1.0
 WORKER_RESTART_MAX_S = 60.0
-# The oldest pending paths of a root that `status` and the guard's log line name.
-PENDING_PATHS_SHOWN = 10
-
-
-@dataclass(eq=False)
-class RootRuntime:
-    config: RootConfig
-    aggregator: Aggregator
-    index: Index
-    watcher: RootWatcher | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    worker_ends: int = 0  # worker tasks that ended in a row (see Scheduler._worker_ended)
-    in_flight: asyncio.Future[ScanReport] | None = None  # the scan thread, which outlives a cancelled worker
-    sleeping: bool = False  # the worker waits for its wake event or sleep_until
-    sleep_until: float = 0.0
-    next_full: float = float("inf")
-    next_poll: float = float("inf")
-    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root the watches were placed on
-    next_identity_check: float = float("inf")
-    failures: int = 0  # scans failed in a row
-    retry_after: float = 0.0  # no scan before this (monotonic) after a failure
-    offline: str | None = None
-    scanning: ScanKind | None = None
-    progress: LiveProgress = field(default_factory=LiveProgress)
-    files: int = 0
-    overflows: int = 0  # not yet written to the database
-    poll_pass: bool = False  # the next full sync is a polling pass, not one an admin alerts on
-    # The mounts below the root (not excluded), by mount point: what the mount table showed last.
-    mounts: dict[bytes, Mount] = field(default_factory=dict)
-    volumes_offline: dict[bytes, str] = field(default_factory=dict)  # as the last scan found them, logged
-    next_volume_poll: float = 0.0  # volumes on a network filesystem below an inotify root (rules.polled_volumes)
-
-    @property
-    def path(self) -> bytes:
-        return os.fsencode(self.config.path)
-
-    @property
-    def polled(self) -> list[bytes]:
-        if self.observer_state != "inotify" or self.config.one_filesystem:
-            return []  # a polled root's own syncs cover its volumes; left-out ones are not indexed
-        return polled_volumes(self.config.observer, {rel: m.fs_type for rel, m in self.mounts.items()})
-
-    @property
-    def left_out(self) -> frozenset[bytes]:
-        """one_filesystem: the mount points below the root that are not watched."""
-        return frozenset(self.mounts) if self.config.one_filesystem else frozenset()
-
-    @property
-    def observer_state(self) -> str:
-        if self.offline:
-            return "offline"
-        return self.watcher.mode if self.watcher is not None else "stopped"
-
-
-def _read_table() -> list[Mount]:
-    try:
-        return fs.mounts()
-    except OSError:
-        return []
-
-
-def _mounts_of(rt: RootRuntime, table: list[Mount]) -> dict[bytes, Mount]:
-    excluder = Excluder(rt.config.exclude)
-    below = mounts_below(os.fsencode(os.path.realpath(rt.path)), table)
-    return {rel: m for rel, m in below.items() if not excluder.any_component(rel)}
-
-
-def _same(m: Mount | None) -> tuple[int, str, bytes, str, str] | None:
-    """What tells one mount from the next at a mount point (ids are reused after an unmount)."""
-    return None if m is None else (m.mount_id, m.devno, m.fs_root, m.source, m.fs_type)
 
 
 class Scheduler:
@@ -173,7 +97,7 @@ class Scheduler:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.db.open()
-        self.table = await asyncio.to_thread(_read_table)
+        self.table = await asyncio.to_thread(read_mount_table)
         for root in self.config.roots:
             await self.add_root(root)
         self.mount_watcher = MountWatcher(self.loop, self.on_mounts)
@@ -194,7 +118,7 @@ class Scheduler:
     async def add_root(self, root: RootConfig) -> None:
         index = await asyncio.to_thread(Index, self.config.database)
         rt = RootRuntime(root, Aggregator(os.fsencode(root.path), self.config.watch), index)
-        rt.mounts = _mounts_of(rt, self.table)
+        rt.mounts = rt.mounts_in(self.table)
         self.roots[rt.path] = rt
         row = index.root(rt.path)
         assert row is not None
@@ -343,40 +267,10 @@ class Scheduler:
             index.close()
 
     async def _check_database(self) -> None:
-        """Read every page of the database once per start (SQLite's quick_check), beside the
-        scans: damage in pages the daemon itself seldom reads (the feed's older rows, a folder
-        never changed) is found and repaired now, not by a consumer's `changes` months later."""
-        try:
-            problem = await asyncio.to_thread(check_file, self.config.database)
-            if problem is not None:
-                raise DamagedError(self.config.database, problem)
-        except Exception as e:
-            if not self.note_damage(e, "start-up check"):
-                self.log.warning("cannot check the database", reason=f"{type(e).__name__}: {e}")
+        await upkeep.check_database(self.config, self.note_damage, self.log)
 
     async def _metrics(self) -> None:
-        """node_exporter's textfile collector, rewritten atomically every interval."""
-        textfile = self.config.metrics.textfile
-        if textfile is None:
-            return
-        index = await asyncio.to_thread(Index, self.config.database)
-        failing = False
-        try:
-            while not self.stop.is_set():
-                try:
-                    await asyncio.to_thread(write_textfile, index, self.config, textfile)
-                    failing = False
-                except Exception as e:
-                    if self.note_damage(e, "metrics"):
-                        return
-                    if not isinstance(e, OSError):
-                        raise
-                    if not failing:  # once per failure streak, not every interval
-                        self.log.warning("cannot write the metrics file", path=str(textfile), reason=str(e))
-                    failing = True
-                await asyncio.sleep(self.config.metrics.interval_s)
-        finally:
-            index.close()
+        await upkeep.write_metrics(self.config, self.stop, self.note_damage, self.log)
 
     async def _start_replication(self) -> None:
         """`[replicate]`: a thread that keeps the fleet catalogue caught up (replication.py)."""
@@ -403,24 +297,11 @@ class Scheduler:
             self.replication = None
 
     async def _prune(self) -> None:
-        """The feed's retention ([feed]): what is older than its window, or beyond its row cap,
-        goes, in small transactions on a connection of its own (feed.prune)."""
-        index = await asyncio.to_thread(Index, self.config.database)
-        try:
-            while not self.stop.is_set():
-                try:
-                    # Rows the catalogue has not taken yet stay past their age (docs/fleet.md).
-                    hold = self.replication.hold() if self.replication is not None else None
-                    removed = await asyncio.to_thread(feed.prune, index, self.config.feed, hold=hold)
-                    if removed:
-                        self.log.debug("feed pruned", rows=removed)
-                except sqlite3.Error as e:  # busy past the timeout, disk full: next time
-                    if self.note_damage(e, "feed retention"):
-                        return
-                    self.log.warning("cannot prune the change feed", reason=str(e))
-                await asyncio.sleep(feed.prune_interval(self.config.feed))
-        finally:
-            index.close()
+        await upkeep.prune_feed(self.config, self.stop, self.note_damage, self.log, self._feed_hold)
+
+    def _feed_hold(self) -> tuple[str, int] | None:
+        """The cursor the fleet catalogue has taken up to: retention keeps what follows (docs/fleet.md)."""
+        return self.replication.hold() if self.replication is not None else None
 
     # --- events ------------------------------------------------------------------------
 
@@ -491,8 +372,12 @@ class Scheduler:
         The scan decides whether each volume is online (daemon/volumes.py)."""
         self.table = table
         for rt in self.roots.values():
-            now = _mounts_of(rt, table)
-            changed = {rel for rel in now.keys() | rt.mounts.keys() if _same(now.get(rel)) != _same(rt.mounts.get(rel))}
+            now = rt.mounts_in(table)
+            changed = {
+                rel
+                for rel in now.keys() | rt.mounts.keys()
+                if mount_identity(now.get(rel)) != mount_identity(rt.mounts.get(rel))
+            }
             rt.mounts = now
             # A change below another changed mount point is covered by that one's.
             top = sorted(rel for rel in changed if not any(o != rel and is_within(rel, o) for o in changed))
@@ -505,7 +390,7 @@ class Scheduler:
         """Without a poll() on the mount table (no /proc at start): read it now and then."""
         while not self.stop.is_set():
             await asyncio.sleep(period)
-            self.on_mounts(await asyncio.to_thread(_read_table))
+            self.on_mounts(await asyncio.to_thread(read_mount_table))
 
     async def _mounts_changed(self, rt: RootRuntime, mount_points: list[bytes]) -> None:
         self.log.info("mounts changed below the root; syncing there", root=rt.path,
@@ -734,7 +619,7 @@ class Scheduler:
             # A polled root is fully synced every poll_interval_s: 1440 alerts a day otherwise.
             self.log.debug("polling pass found nothing new", root=rt.path, seconds=round(report.seconds, 3))
         elif report.kind is ScanKind.FULL:
-            rt.files = await asyncio.to_thread(self._count_files, rt)
+            rt.files = await asyncio.to_thread(rt.count_files)
             self.log.info("full sync finished", root=rt.path, seconds=round(report.seconds, 3), files=rt.files,
                           hashed_bytes=report.bytes_hashed, message_id=MessageId.FULL_SYNC_FINISHED,
                           **changed)  # fmt: skip
@@ -742,20 +627,6 @@ class Scheduler:
             rt.files += report.ops[Op.ADDED] - report.ops[Op.DELETED]
             self.log.info("scan finished", root=rt.path, kind=report.kind.value, seconds=round(report.seconds, 3),
                           **changed)  # fmt: skip
-
-    def _pending_state(self, rt: RootRuntime) -> tuple[int, str, float | None, str | None]:
-        """(pending paths, observer, wall-clock time of the oldest pending event, the oldest
-        paths as JSON), as `status` shows them."""
-        oldest = rt.aggregator.oldest(PENDING_PATHS_SHOWN)
-        if not oldest:
-            return rt.aggregator.pending, rt.observer_state, None, None
-        paths = json.dumps([os.fsdecode(join(rt.path, p)) for p, _ in oldest])
-        return rt.aggregator.pending, rt.observer_state, round(oldest[0][1] + self.wall_offset, 3), paths
-
-    @staticmethod
-    def _count_files(rt: RootRuntime) -> int:
-        row = rt.index.root(rt.path, create=False)
-        return 0 if row is None else rt.index.totals(row.id)[0]
 
     # --- what the daemon is doing --------------------------------------------------------
 
@@ -791,7 +662,7 @@ class Scheduler:
         # so once that path was scanned the snapshot equalled `published` again and `status`
         # showed "1 pending" forever. Torture seed 20261202.)
         activity = self.activity()
-        roots = tuple((rt.path, *self._pending_state(rt)) for rt in self.roots.values())
+        roots = tuple((rt.path, *rt.pending_state(self.wall_offset)) for rt in self.roots.values())
         replication = self.replication.state if self.replication is not None else None
         snapshot = (state, activity, roots, replication)
         if snapshot != self.published:
