@@ -130,6 +130,28 @@ def _delete_gone(journal: ScanJournal, root: RootRow, sync: SyncConfig, report: 
         report.ops[Op.DELETED] += len(chunk)
 
 
+def _step2(index: Index, journal: ScanJournal, root_path: bytes, sync: SyncConfig, report: ScanReport,
+           progress: Progress, pool: ThreadPoolExecutor | None, small_files: int, stop: threading.Event,
+           found: volumes.Volumes, streamed: CountedRows | None) -> None:  # fmt: skip
+    """Step 2 with its hashers: the threads of ``pool`` (or its own), worker processes when
+    ``small_files`` make them pay off (open_processes), all gone when it ends however it ends.
+    With nothing indexed yet, the content-hash index is built once after the writes."""
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
+    procs = open_processes(sync.hash_workers, small_files)
+    content_index_dropped = index.defer_content_index()
+    try:
+        Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate,
+                streamed=streamed).run()  # fmt: skip
+    finally:
+        if procs is not None:
+            procs.close()
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if content_index_dropped:
+            index.build_content_index()
+
+
 def _first_index(index: Index, journal: ScanJournal, root_path: bytes, scope: ScanScope, sync: SyncConfig,
                  excluded: Excluder, found: volumes.Volumes, report: ScanReport, progress: Progress,
                  stop: threading.Event, pool: ThreadPoolExecutor | None) -> None:  # fmt: skip
@@ -139,10 +161,6 @@ def _first_index(index: Index, journal: ScanJournal, root_path: bytes, scope: Sc
     progress.phase(root_path, "walking")
     walk = StreamedWalk(lambda j: WalkState(j, sync.batch_size, gate=found.gate), root_path, scope, excluded,
                         stop.is_set)  # fmt: skip
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
-    procs = None
-    content_index_dropped = False
     try:
         # Worker processes pay off from PROCESS_MIN_FILES small files on (open_processes): read
         # that far ahead of step 2 to know. The queued path counts them in its queue instead.
@@ -158,20 +176,11 @@ def _first_index(index: Index, journal: ScanJournal, root_path: bytes, scope: Sc
         # Under PROCESS_MIN_FILES small files, the walk is over before step 2 begins.
         journal.set_state("hashing")
         progress.phase(root_path, "hashing")
-        procs = open_processes(sync.hash_workers, small_files)
-        content_index_dropped = index.defer_content_index()
         counted = CountedRows(itertools.chain(ahead, rows))
-        Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate,
-                streamed=counted).run()  # fmt: skip
+        _step2(index, journal, root_path, sync, report, progress, pool, small_files, stop, found, counted)
         journal.set_state("hashing", queued_files=counted.files, queued_bytes=counted.bytes)  # all found
     finally:
         walk.close()
-        if procs is not None:
-            procs.close()
-        if own_pool:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if content_index_dropped:
-            index.build_content_index()
     report.walked = walk.state.seen
     if walk.state.errors:
         journal.record_errors(walk.state.errors)
@@ -252,20 +261,7 @@ def scan(
     journal.set_state("hashing", queued_files=files, queued_bytes=nbytes)
     progress.phase(root_path, "hashing")
     progress.total(files, nbytes)
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(sync.hash_workers, thread_name_prefix="hash")
-    procs = open_processes(sync.hash_workers, small_files)
-    # Step 2 writes the rows: with nothing indexed yet, the content-hash index is built once after.
-    content_index_dropped = index.defer_content_index()
-    try:
-        Stepper(journal, root_path, sync, report, progress, pool, procs, stop, gate=found.gate).run()
-    finally:
-        if procs is not None:
-            procs.close()
-        if own_pool:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if content_index_dropped:
-            index.build_content_index()
+    _step2(index, journal, root_path, sync, report, progress, pool, small_files, stop, found, None)
     if report.interrupted:
         report.seconds = time.monotonic() - started
         return report
