@@ -11,6 +11,7 @@ test proves and what is not covered.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -741,11 +742,22 @@ def mounted(where: Path, *args: str) -> Iterator[None]:
 
 
 def _fill(where: Path) -> Path:
+    """Writes a file until the filesystem refuses. Unbuffered on purpose: a buffered file keeps
+    the tail of a short write and raises ENOSPC again from close(), outside any guard."""
     filler = where / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        chunk = b"\0" * 65536
         while True:
-            f.write(b"\0" * 65536)
-            f.flush()
+            try:
+                if os.write(fd, chunk) == 0:
+                    break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
     return filler
 
 
