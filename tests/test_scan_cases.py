@@ -603,3 +603,48 @@ def test_a_scope_below_a_folder_indexed_as_a_symlink_walks_the_folder(
     assert below_a_non_folder == []
     assert diff(expected(library), rows(index, library)) == []
     sync(index, library)
+
+
+def _sql_steps_to_rename_copies(index: Index, folder: Path, copies: int) -> int:
+    """SQLite VM steps (counted by the progress handler, every 100) of the sync that finds
+    ``copies`` identical files replaced by as many identical files under new names."""
+    for i in range(copies):
+        (folder / f"old-{i:04d}").write_bytes(b"the same photo")
+    settle(folder)
+    sync(index, folder)
+    seq = index.last_seq()
+    for i in range(copies):
+        os.unlink(folder / f"old-{i:04d}")
+        (folder / f"new-{i:04d}").write_bytes(b"the same photo")
+    settle(folder)
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    index.db.set_progress_handler(count, 100)
+    try:
+        sync(index, folder)
+    finally:
+        index.db.set_progress_handler(None, 0)
+    got = feed(index, seq)
+    assert sorted(got) == sorted(("renamed", f"new-{i:04d}", f"old-{i:04d}") for i in range(copies)), got[:5]
+    return steps[0]
+
+
+def test_renames_among_many_identical_files_cost_linear_work(tmp_path: Path) -> None:
+    """Each new file takes the first gone file of its content, by path; the candidates of one
+    content are read once per scan, not once per file (10,000 identical copies replaced: a
+    31 s scan before, 0.7 s after). Measured in SQLite's own VM steps, not in seconds: four
+    times the copies must cost about four times the steps, where quadratic work costs sixteen."""
+    cost: dict[int, int] = {}
+    for copies in (100, 400):
+        folder = tmp_path / f"lib-{copies}"
+        folder.mkdir()
+        idx = Index(tmp_path / f"{copies}.db")
+        try:
+            cost[copies] = _sql_steps_to_rename_copies(idx, folder, copies)
+        finally:
+            idx.close()
+    assert cost[400] < 6 * cost[100], cost
