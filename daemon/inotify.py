@@ -42,7 +42,17 @@ from watchdog.events import (
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask, WatchDescriptor
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    Watch,
+    WatchCallback,
+    WatchDescriptor,
+    inotify_add_watch,
+)
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from daemon.events import EventKind, RootPaths, WatchEvent, map_event
@@ -381,6 +391,53 @@ class _Emitter(InotifyEmitter):
             self._session.died("emitter", e)
 
 
+class _Watch:
+    """watchdog's ``Watch`` (inotify_c.py:178-209) in one small object, for a tree of a million folders.
+
+    watchdog's is a dataclass with an instance dict, a dict of callbacks and the path it was
+    made for (kept for debugging only): 330 of the ~600 bytes of Python that every watched
+    folder cost (tracemalloc, 100,000 folders). Here one inotify instance serves one watch
+    group, so a watch has at most one callback, and the watch is its own one-entry ``callbacks``
+    mapping: watchdog only tests, sets, pops and lists it (inotify_c.py:342, 361, 448-451, 491, 505).
+    """
+
+    __slots__ = ("_callback", "_id", "mask", "wd")
+
+    def __init__(self, wd: WatchDescriptor, mask: Mask) -> None:
+        self.wd = wd
+        self.mask = mask
+        self._id: CallbackId | None = None
+        self._callback: WatchCallback | None = None
+
+    @property
+    def callbacks(self) -> _Watch:
+        return self
+
+    @property
+    def is_used(self) -> bool:
+        return self._callback is not None
+
+    def short_str(self) -> str:
+        return f"<watch wd={self.wd}>"
+
+    def __contains__(self, id_: object) -> bool:
+        return self._callback is not None and id_ == self._id
+
+    def __setitem__(self, id_: CallbackId, callback: WatchCallback) -> None:
+        if self._callback is not None and id_ != self._id:
+            raise RuntimeError(f"a second watch group on inotify watch {self.wd}")
+        self._id, self._callback = id_, callback
+
+    def pop(self, id_: CallbackId, default: WatchCallback | None = None) -> WatchCallback | None:
+        if self._callback is None or id_ != self._id:
+            return default
+        callback, self._id, self._callback = self._callback, None, None
+        return callback
+
+    def values(self) -> tuple[WatchCallback, ...]:
+        return () if self._callback is None else (self._callback,)
+
+
 class _InotifyFD(InotifyFD):
     """One inotify instance per root (so a per-instance queue limit applies to it alone)."""
 
@@ -388,6 +445,17 @@ class _InotifyFD(InotifyFD):
         super().__init__()
         self._session = session
         self.name = f"treewatch-inotify {os.fsdecode(session.paths.top)}"
+
+    def _get_or_create_watch(self, path: bytes, mask: Mask) -> Watch:
+        # watchdog's own (inotify_c.py:454-471), making a _Watch.
+        wd = inotify_add_watch(self._inotify_fd, path, mask)
+        if wd == -1:
+            InotifyFD._raise_error()
+        watch = self._watch_for_wd.get(wd)
+        if watch is None:
+            watch = cast(Watch, _Watch(wd, mask))
+            self._watch_for_wd[wd] = watch
+        return watch
 
     def run(self) -> None:
         try:
