@@ -339,18 +339,23 @@ class ScanJournal:
                 " AND e.corrupt_blake3 IS NULL ORDER BY e.path DESC",
                 (self.scan_id, blake3, size),
             ).fetchall()
-            candidates = self._gone_by_content[key] = [int(r[0]) for r in rows]  # the first in path order last
+            candidates = [int(r[0]) for r in rows]  # the first in path order last
+            if len(candidates) > 1:
+                # Kept for the scan, emptied or not: asked again, the query would read them all
+                # once more. A content gone once is not kept: a million files moved across
+                # filesystems (new inodes, each content once) must not leave a million keys.
+                self._gone_by_content[key] = candidates
         while candidates:
-            entry_id = candidates[-1]
-            if entry_id not in exclude:
-                row = self.db.execute(
-                    "SELECT e.path FROM entries e JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
-                    " WHERE e.id = ? AND e.blake3 = ? AND e.size = ? AND e.kind = 'file' AND e.corrupt_blake3 IS NULL",
-                    (self.scan_id, entry_id, blake3, size),
-                ).fetchone()
-                if row is not None:
-                    return entry_id, bytes(row[0])
-            candidates.pop()
+            entry_id = candidates.pop()  # handed out once: the caller takes it (Stepper.hash_matched)
+            if entry_id in exclude:
+                continue
+            row = self.db.execute(
+                "SELECT e.path FROM entries e JOIN scan_gone g ON g.entry_id = e.id AND g.scan_id = ?"
+                " WHERE e.id = ? AND e.blake3 = ? AND e.size = ? AND e.kind = 'file' AND e.corrupt_blake3 IS NULL",
+                (self.scan_id, entry_id, blake3, size),
+            ).fetchone()
+            if row is not None:
+                return entry_id, bytes(row[0])
         return None
 
     def path_of(self, entry_id: int) -> bytes:
