@@ -630,9 +630,9 @@ def _sql_steps_to_rename_copies(index: Index, folder: Path, copies: int, made: i
     finally:
         index.db.set_progress_handler(None, 0)
     got = feed(index, seq)
-    renamed = [("renamed", f"new-{i:04d}", f"old-{i:04d}") for i in range(copies)]
-    added = [("added", f"new-{i:04d}", None) for i in range(copies, made)]
-    assert sorted(got) == sorted(renamed + added), got[:5]
+    want: list[tuple[str, str, str | None]] = [("renamed", f"new-{i:04d}", f"old-{i:04d}") for i in range(copies)]
+    want += [("added", f"new-{i:04d}", None) for i in range(copies, made)]
+    assert sorted(got) == sorted(want), got[:5]
     return steps[0]
 
 
