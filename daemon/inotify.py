@@ -80,6 +80,7 @@ def _check_watchdog() -> None:
     found = (watchdog.version.VERSION_MAJOR, watchdog.version.VERSION_MINOR, watchdog.version.VERSION_BUILD)
     needed = ("on_queue_overflow", "on_event", "on_watch_deleted", "_add_callback", "_add_all_callbacks")
     missing = [name for name in needed if not hasattr(InotifyWatchGroup, name)]
+    missing += [name for name in ("_get_or_create_watch",) if not hasattr(InotifyFD, name)]
     if found not in CHECKED_WATCHDOG or missing:
         raise ImportError(
             f"daemon.inotify was checked against watchdog {CHECKED_WATCHDOG} and found "
