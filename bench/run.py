@@ -67,12 +67,15 @@ FIND_FORMAT = "%i %s %T@ %p\n"
 # --- the benchmarks ---------------------------------------------------------------------------
 
 
-def p1_corpus(b: Bench) -> Corpus:
-    """P1's photo-shaped tree; with --empty-photos its photos are empty (10M entries fit a disk)."""
-    entries = b.args.entries
+def photos(b: Bench, entries: int) -> Corpus:
+    """A photo-shaped tree; with --empty-photos its photos are empty (10M entries fit a disk)."""
     if b.args.empty_photos:
         return b.corpus(corpora.photos_spec(entries, min_size=0, max_size=0), f"photos-empty-{entries}")
     return b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+
+
+def p1_corpus(b: Bench) -> Corpus:
+    return photos(b, b.args.entries)
 
 
 def bench_p1(b: Bench) -> Iterator[Result]:
@@ -226,7 +229,7 @@ def bench_p3(b: Bench) -> Iterator[Result]:
     for 1 and for 100 new files in one folder, on each ``--live-entries`` tree."""
     medians: dict[tuple[int, int], float] = {}
     for entries in b.args.live_entries:
-        c = b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+        c = photos(b, entries)
         folder = photo_folders(c.root, 1)[0]
         created: list[Path] = []
         mtimes = {folder: folder.stat().st_mtime_ns}
@@ -274,7 +277,7 @@ def bench_p4(b: Bench) -> Iterator[Result]:
     """P4: an idle daemon after its startup sync: RSS, CPU over ``--idle-seconds``, and writes
     (it is meant to write nothing while idle: the database files' mtimes and /proc/PID/io)."""
     for entries in b.args.live_entries:
-        c = b.corpus(corpora.photos_spec(entries), f"photos-{entries}")
+        c = photos(b, entries)
         db = b.live_db(c)
         with b.daemon(c, db, f"P4-{entries}") as d:
             b.notes.append(f"P4, {entries:,} entries: startup sync {d.startup_s:.1f} s, {load()}")
@@ -459,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--entries", type=int, default=200_000, help="P1/RSS corpus size, files + folders (200000)")
     p.add_argument("--empty-photos", action="store_true",
-                   help="P1/RSS: the photos are empty files (sidecars stay small): a 10M-entry tree fits")  # fmt: skip
+                   help="P1, RSS, P3, P4: empty photos (sidecars stay small): a 10M-entry tree fits")  # fmt: skip
     p.add_argument("--large-files", type=int, default=8, help="P2 large corpus: how many files (8)")
     p.add_argument("--large-size", type=int, default=1 << 30, help="P2 large corpus: bytes per file (1 GiB)")
     p.add_argument("--small-files", type=int, default=100_000, help="P2 small corpus: how many files (100000)")
