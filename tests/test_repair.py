@@ -141,10 +141,13 @@ def test_run_repairs_and_rereads_a_small_fraction(tmp_path: Path, library: Path,
     assert kept and kept[0].read_bytes() == damaged_bytes, kept  # set aside, as it was
     # A small fraction of the library is read again: what the broken pages held. A page of one
     # of the B-trees a salvaged row needs (the table, its path, its content hash: salvage._vouch)
-    # holds about 1/pages of its rows; beyond that share, something else was lost.
+    # holds about 1/pages of its rows; beyond that share, something else was lost. The share
+    # counts rows and the re-read counts bytes: the files are 1-48 KiB, so the few dozen rows
+    # of one page can hold a quarter more bytes than their share (seed 11 once: rows 27.2 %,
+    # bytes 32.7 %, the page layout of a streamed first index varying from run to run).
     share = sum(1 / len(held[name]) for name in ("entries", "entries_by_path", "entries_dupes")
                 for page in broken if page in held[name])  # fmt: skip
-    assert reread <= (share + 0.05) * size, (reread, size, share)
+    assert reread <= (1.25 * share + 0.05) * size, (reread, size, share)
     # The feed is a new epoch: an old cursor is told so, and the new feed replays to the index.
     reset = cli(db, "changes", "--since", "5", "--epoch", old_epoch, "--json", check=False)
     assert reset.returncode == 3 and json.loads(reset.stdout)["reset"] == "epoch", reset
