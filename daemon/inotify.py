@@ -64,6 +64,9 @@ CHECKED_WATCHDOG = ((7, 1, 0),)
 # A folder that vanished or that we may not read between listing and watching is not a folder
 # we meant to watch (the scanner reports unreadable ones); any other failure is a shortfall.
 _NOT_MEANT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ESTALE})
+# How many folders found gone as their watch was placed are remembered, in case an ancestor's
+# move explains it (`_WatchGroup._move_watches`); a folder made and removed at once stays here.
+_VANISHED_KEPT = 4096
 _ROOT_GONE_MASK = InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_MOVE_SELF | InotifyConstants.IN_UNMOUNT
 
 
@@ -78,7 +81,14 @@ def _check_watchdog() -> None:
     new release, even a patch release, must be read again before it is trusted with a NAS's index.
     """
     found = (watchdog.version.VERSION_MAJOR, watchdog.version.VERSION_MINOR, watchdog.version.VERSION_BUILD)
-    needed = ("on_queue_overflow", "on_event", "on_watch_deleted", "_add_callback", "_add_all_callbacks")
+    needed = (
+        "on_queue_overflow",
+        "on_event",
+        "on_watch_deleted",
+        "_add_callback",
+        "_add_all_callbacks",
+        "_move_watches",
+    )
     missing = [name for name in needed if not hasattr(InotifyWatchGroup, name)]
     missing += [name for name in ("_get_or_create_watch",) if not hasattr(InotifyFD, name)]
     if found not in CHECKED_WATCHDOG or missing:
@@ -200,6 +210,8 @@ class _WatchGroup(InotifyWatchGroup):
     """
 
     session: InotifySession | None = field(default=None, kw_only=True)
+    # Folders that were gone when their watch was to be placed, oldest first (see _move_watches).
+    _vanished: dict[bytes, None] = field(default_factory=dict, init=False)
 
     def __repr__(self) -> str:
         # Short on purpose: watchdog puts this repr into a warning it builds whenever a watch is
@@ -248,9 +260,14 @@ class _WatchGroup(InotifyWatchGroup):
         except OSError as e:
             if path == self.path:
                 raise
-            if e.errno not in _NOT_MEANT:
+            if e.errno == errno.ENOENT:
+                self._vanished[path] = None
+                while len(self._vanished) > _VANISHED_KEPT:
+                    del self._vanished[next(iter(self._vanished))]
+            elif e.errno not in _NOT_MEANT:
                 s.could_not_watch(path, e.errno or 0)
             return
+        self._vanished.pop(path, None)
         if wd == -1:
             # InotifyFD._raise_error returns without raising on EACCES (inotify_c.py:521), so
             # _get_or_create_watch records a watch with wd -1 (inotify_c.py:464-471): undo it.
@@ -274,6 +291,19 @@ class _WatchGroup(InotifyWatchGroup):
             del self._active_callbacks_by_path[stale]
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path
+
+    def _move_watches(self, move_src_path: bytes, move_dst_path: bytes) -> bool:
+        # watchdog's own (inotify.py:322-338) renames the watches it has below the source. A
+        # folder it could not watch there is not among them: moved in from outside (or made)
+        # and its parent moved away before its event was read, it was gone from the path the
+        # event named (torture seed 13074143: a file made in it later was never seen). Watch it
+        # at its new place; the scan of the move's destination covers what came in between.
+        moved = super()._move_watches(move_src_path, move_dst_path)
+        prefix = move_src_path + b"/"
+        for path in [p for p in self._vanished if p == move_src_path or p.startswith(prefix)]:
+            del self._vanished[path]
+            self._add_all_callbacks(move_dst_path + path[len(move_src_path) :])
+        return moved
 
     def forget(self, path: bytes) -> None:
         """A folder moved out of the root, or a filesystem mounted or unmounted there: drop the

@@ -310,6 +310,29 @@ def test_an_overflow_is_reported_once_every_watch_is_back(library: Path) -> None
     assert watched_when_told and all(n == folders + 1 for n in watched_when_told), watched_when_told
 
 
+def test_a_folder_moved_in_is_watched_though_its_parent_moved_before_the_event_was_read(library: Path) -> None:
+    """A folder moved in from outside, then its parent moved away, both before the reader read
+    the first event: the folder was gone from the path that event named, so watchdog could not
+    watch it, and a file made in it later was never seen (torture seed 13074143). The reader is
+    held so that the order is this one whatever the machine's speed."""
+    outside = library.parent / "outside"
+    (outside / "x" / "y").mkdir(parents=True)
+    (library / "deep" / "a").mkdir(parents=True)
+
+    async def scenario() -> None:
+        async with watching(library) as run:
+            with reader_held(run):
+                os.rename(outside / "x", library / "deep" / "a" / "n")
+                os.rename(library / "deep", library / "moved")
+            await run.seen(MOVED, b"deep", dest=b"moved")
+            (library / "moved" / "a" / "n" / "new").write_bytes(b"1")
+            (library / "moved" / "a" / "n" / "y" / "new").write_bytes(b"1")
+            await run.seen(CHANGED, b"moved/a/n/new")
+            await run.seen(CHANGED, b"moved/a/n/y/new")
+
+    asyncio.run(scenario())
+
+
 def test_polling_observer_places_nothing_and_emits_nothing(library: Path) -> None:
     async def scenario() -> None:
         async with watching(library, observer="polling") as polled, watching(library) as sentinel:
