@@ -345,6 +345,12 @@ class Stepper:
             match = self.journal.gone_with_hash(result.digest, st.size, self.hash_matched)
         if match is not None:
             self.hash_matched.add(match[0])
+            # The gone row takes this file's inode. If it was one name of a hard-linked file,
+            # that file's other names may have been written through it before it went, out of
+            # sight of their folders: they are looked at again, as for a name deleted
+            # (_delete_gone). Torture seed 268295807: `ln b c; echo >> b; rm b; touch d` made
+            # d "renamed from b" (both empty as indexed), and c kept b's old size for good.
+            self.report.linked += self.journal.other_names([match[0]], unless_file=(st.dev, st.inode))
             return Write(Op.RENAMED, row.path, st, match[0], row.parent_id, old_path=match[1], **common)  # type: ignore[arg-type]
         return Write(Op.ADDED, row.path, st, None, row.parent_id, **common)  # type: ignore[arg-type]
 

@@ -365,6 +365,29 @@ def test_a_hard_link_written_through_then_replaced_has_its_other_names_looked_at
     sync(index, library, subtrees=report.linked)  # what the daemon does with them
 
 
+def test_a_hard_link_renamed_by_content_has_its_other_names_looked_at(library: Path, index: Index) -> None:
+    # `ln b/two a/one; echo >> b/two; rm b/two; touch c/new`: c/new holds what b/two held as
+    # indexed (nothing), so b/two's row is "renamed" to c/new by content, and takes its inode.
+    # a/one was written through b/two first, out of sight of a/: it must be looked at again, as
+    # for a name deleted (torture seed 268295807: it kept the old size for good).
+    for folder in ("a", "b", "c"):
+        (library / folder).mkdir()
+    (library / "b" / "two").write_bytes(b"")
+    os.link(library / "b" / "two", library / "a" / "one")
+    settle(library)
+    sync(index, library)
+    with open(library / "b" / "two", "ab") as f:
+        f.write(b"written through the second name")
+    (library / "b" / "two").unlink()
+    (library / "c" / "new").write_bytes(b"")
+    settle(library)
+    seq = index.last_seq()
+    report = run_scan(index, library, subtrees=[b"b", b"c"])  # the daemon's scopes: where events were
+    assert ("renamed", "c/new", "b/two") in feed(index, seq)
+    assert report.linked == [b"a/one"]
+    sync(index, library, subtrees=report.linked)  # what the daemon does with them
+
+
 def test_a_deleted_folder_takes_nothing_of_siblings_that_share_its_name_as_a_prefix(
     library: Path, index: Index
 ) -> None:
