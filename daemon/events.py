@@ -96,6 +96,19 @@ _FILE_CHANGED = (FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClose
 _DIR_CHANGED = (DirAttribEvent,)
 
 
+def _excluded_name(paths: RootPaths, rel: bytes | None) -> WatchEvent | None:
+    """An excluded name made, removed or renamed right below a folder that is indexed: not an
+    entry, but its folder's mtime moved. Reported as a change of the name itself; the scan of
+    that scope refreshes the folder's own row and indexes nothing of the name (walk.walk_scope).
+    Deeper in an excluded tree, or a mount point left out, nothing is reported."""
+    if not rel or paths.left_out.covers(rel):
+        return None
+    parent = rel.rpartition(b"/")[0]
+    if parent and paths.excluded(parent):
+        return None
+    return WatchEvent(EventKind.CHANGED, rel)
+
+
 def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
     # Synthetic events are watchdog's walk of a folder moved or moved in (events.py:665-709):
     # one per descendant. MOVED of the folder and CREATED_DIR (walk it whole) already cover them.
@@ -113,9 +126,14 @@ def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
             return WatchEvent(EventKind.CREATED_DIR if is_dir else EventKind.CHANGED, dest, is_dir=is_dir)
         if src is not None:  # moved out, or to an excluded name
             return WatchEvent(EventKind.DELETED, src, is_dir=is_dir)
-        return None
+        # From one excluded name to another (an editor's temp files): its folder's own mtime.
+        return _excluded_name(paths, paths.rel(event.dest_path) if event.dest_path else None)
     rel = paths.rel(event.src_path)
-    if rel is None or paths.excluded(rel):
+    if rel is None:
+        return None
+    if paths.excluded(rel):
+        if isinstance(event, (FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent)):
+            return _excluded_name(paths, rel)
         return None
     if isinstance(event, _FILE_CHANGED):
         return WatchEvent(EventKind.CHANGED, rel)

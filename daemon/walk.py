@@ -210,8 +210,8 @@ def walk_scope(
         while parent and journal.folder_state(parent) is None:
             rel, parent = parent, parent_of(parent)
             scope = ScanScope(scope.root, rel, True)
-        if excluded.any_component(rel) or state.gate.frozen(rel) or state.gate.outside(rel):
-            return  # excluded, in an offline volume (left as indexed) or on a filesystem left out
+        if state.gate.frozen(rel) or state.gate.outside(rel):
+            return  # in an offline volume (left as indexed) or on a filesystem left out
         # lstat(root/a/b) follows a symlink at a: a scope below a folder that is now a symlink
         # (or a file) would index what lies outside the root. Start at that component instead.
         parts = rel.split(b"/")
@@ -242,6 +242,11 @@ def walk_scope(
             # Once per walk: a burst of 100 new files in one folder is 100 scopes of one scan.
             state.refreshed.add(parent)
             _refresh_own_entry(state, root_path, parent)
+        if excluded.any_component(rel):
+            # Excluded: not indexed, but made or removed it moved its folder's mtime, refreshed
+            # above (events.map_event reports such a name for that; seed 268295807, `rm -r
+            # vol/lost+found`, left the volume's own row with its old mtime).
+            return
         entry = journal.entry(rel)
         try:
             st = fs.lstat(join(root_path, rel))

@@ -388,6 +388,26 @@ def test_a_hard_link_renamed_by_content_has_its_other_names_looked_at(library: P
     sync(index, library, subtrees=report.linked)  # what the daemon does with them
 
 
+def test_an_excluded_name_removed_refreshes_its_folder_and_indexes_nothing(library: Path, index: Index) -> None:
+    # The watcher reports an excluded name made or removed right below an indexed folder (its
+    # folder's mtime moved); the scan of that scope refreshes the folder's own row and leaves
+    # the name out (torture seed 268295807: `rm -r vol/lost+found` left vol's mtime behind).
+    exclude = ["lost+found", "*.tmp"]
+    left_out = (b"lost+found", b"skip.tmp")
+    (library / "vol" / "lost+found").mkdir(parents=True)
+    (library / "vol" / "photo.jpg").write_bytes(b"kept")
+    settle(library)
+    assert run_scan(index, library, exclude=exclude).clean
+    assert diff(expected(library, exclude_names=left_out), rows(index, library)) == []
+    (library / "vol" / "lost+found").rmdir()
+    assert run_scan(index, library, subtrees=[b"vol/lost+found"], exclude=exclude).clean  # the watcher's scope
+    assert diff(expected(library, exclude_names=left_out), rows(index, library)) == []
+    (library / "vol" / "skip.tmp").write_bytes(b"not indexed")
+    assert run_scan(index, library, subtrees=[b"vol/skip.tmp"], exclude=exclude).clean
+    assert index.entry(1, b"vol/skip.tmp") is None
+    assert diff(expected(library, exclude_names=left_out), rows(index, library)) == []
+
+
 def test_a_deleted_folder_takes_nothing_of_siblings_that_share_its_name_as_a_prefix(
     library: Path, index: Index
 ) -> None:
