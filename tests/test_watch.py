@@ -392,10 +392,10 @@ def test_root_gone_then_back(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Fault injection into watchdog, not into the daemon: watchdog's own emitter raises once,
-    # on a file named "boom". The daemon's emitter calls it through super(), so the real thread
-    # dies through the daemon's real code path.
+def emitter_dies_once_on_boom(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Fault injection into watchdog, not into the daemon: watchdog's own emitter raises once,
+    on a file named "boom"; the list it returns then holds one True. The daemon's emitter calls
+    it through super(), so the real thread dies through the daemon's real code path."""
     original = InotifyEmitter.build_and_queue_event
     raised: list[bool] = []
 
@@ -407,6 +407,11 @@ def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeyp
         original(self, event, full_events=full_events)
 
     monkeypatch.setattr(InotifyEmitter, "build_and_queue_event", faulty)
+    return raised
+
+
+def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    emitter_dies_once_on_boom(monkeypatch)
 
     async def scenario() -> None:
         async with watching(library) as run:
@@ -430,16 +435,8 @@ def test_a_teardown_that_fails_inside_watchdog_still_restarts_inotify(
     unwatched for good with nothing said (torture seed 13631969). Fault injection into watchdog:
     its emitter dies on "boom", and its maps disagree when the dead session is torn down."""
     (library / "sub").mkdir()
-    emit = InotifyEmitter.build_and_queue_event
     remove = InotifyWatchGroup._remove_watch_internally
-    armed: list[bool] = []
-
-    def dies(self: InotifyEmitter, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
-        path = getattr(event, "path", b"")
-        if isinstance(path, bytes) and path.endswith(b"/boom") and not armed:
-            armed.append(True)
-            raise RuntimeError("injected")
-        emit(self, event, full_events=full_events)
+    armed = emitter_dies_once_on_boom(monkeypatch)
 
     def disagrees(self: InotifyWatchGroup, wd: Any) -> None:
         if armed and len(armed) == 1:
@@ -447,7 +444,6 @@ def test_a_teardown_that_fails_inside_watchdog_still_restarts_inotify(
             self._active_callbacks_by_path.pop(self._active_callbacks_by_watch[wd], None)
         remove(self, wd)
 
-    monkeypatch.setattr(InotifyEmitter, "build_and_queue_event", dies)
     monkeypatch.setattr(InotifyWatchGroup, "_remove_watch_internally", disagrees)
 
     async def scenario() -> None:
