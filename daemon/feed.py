@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon import fs
+from daemon import fs, logs
 from daemon.config import FeedConfig
 from daemon.index import Index
 from daemon.model import join
@@ -157,6 +157,7 @@ class Waker:
                     if p and os.path.basename(os.fsdecode(p)) in names:
                         changed.set()
 
+        logs.quiet_watchdog()
         self.observer = Observer()
         self.observer.schedule(_Wake(), str(path.parent), recursive=False)
 

@@ -55,6 +55,7 @@ from watchdog.observers.inotify_c import (
 )
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
+from daemon import logs
 from daemon.events import EventKind, RootPaths, WatchEvent, map_event
 
 # The watchdog releases whose internals this module was read against and tested with. A patch
@@ -499,6 +500,7 @@ class _Observer(BaseObserver):
     """``InotifyObserver`` (inotify.py:592-606), which hard-codes watchdog's emitter class."""
 
     def __init__(self, session: InotifySession) -> None:
+        logs.quiet_watchdog()
         self._session = session
         self._inotify_fd = _InotifyFD(session)  # inotify_init: EMFILE at max_user_instances
         self._inotify_fd.start()

@@ -166,3 +166,33 @@ def get(name: str = "treewatch") -> Any:
     import structlog
 
     return structlog.get_logger(name)
+
+
+# What watchdog 7.1.0 logs through the standard `logging` module, which nothing here configures:
+# Python's last-resort handler prints such records bare on stderr, so they reached the journal as
+# lines without priority or fields, and a `changes --follow` ended by its reader printed one.
+# Each is either said better by treewatch itself or is no trouble at all:
+_WATCHDOG_SAID_BETTER = {
+    # inotify_c.py:345: the watcher logs the overflow itself, with MESSAGE_ID OVERFLOW and the
+    # sysctl to raise (watch.py); a follower looks again within FOLLOW_SAFETY_S (feed.py).
+    "Inotify queue overflowed; filesystem events were lost",
+    # inotify.py:468 and :475: an emitter stopped while its read returned an event. The event
+    # belongs to a session being thrown away: the daemon's next session starts with a scan, and
+    # a follower that is stopping has nothing more to wake.
+    "InotifyEmitter.queue_events() called when the thread is inactive",
+}
+
+
+def _not_said_better(record: Any) -> bool:
+    return record.msg not in _WATCHDOG_SAID_BETTER
+
+
+def quiet_watchdog() -> None:
+    """Drop watchdog's log records that treewatch says better itself or that mean nothing; any
+    other record still reaches stderr. Called where watchdog is started; adding the same filter
+    twice is a no-op (logging.Filterer.addFilter)."""
+    import logging
+
+    # A logger's filters see only the records logged on it, not those of its children.
+    for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+        logging.getLogger(name).addFilter(_not_said_better)
