@@ -112,10 +112,13 @@ def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]
     unsigned: list[int] = []
     signed: list[int] = []
     for _name, st in children:
-        unsigned += (st.st_ino, st.st_dev, st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_nlink)
+        # st_mode, st_ino, st_dev, st_nlink, st_uid, st_gid, st_size: the stat tuple's first seven
+        # items (os.stat_result's documented order), one slice in C where reading the seven
+        # attributes cost ~100 of the digest's ~400 ns per entry.
+        unsigned += st[:7]
         signed += (st.st_mtime_ns, st.st_ctime_ns)  # before 1970 is negative
     hasher = blake3.blake3(seed)
-    hasher.update(b"\0".join(name for name, _st in children))
+    hasher.update(b"\0".join([name for name, _st in children]))
     hasher.update(array("Q", unsigned).tobytes())
     hasher.update(array("q", signed).tobytes())
     return hasher.digest(LISTING_DIGEST_BYTES)
@@ -124,7 +127,8 @@ def listing_digest(seed: bytes, children: Sequence[tuple[bytes, os.stat_result]]
 def digest_seed(excluded: Excluder) -> bytes:
     """What else decides a folder's comparison: the excludes (the digest covers excluded
     children too) and the hash scheme (an upgrade compares every folder once more)."""
-    return b"\0".join([b"treewatch-listing-1", str(HASH_SCHEME).encode(), *(os.fsencode(p) for p in excluded.patterns)])
+    # -2: the fields in the stat tuple's order (-1 read them one by one, in another order).
+    return b"\0".join([b"treewatch-listing-2", str(HASH_SCHEME).encode(), *(os.fsencode(p) for p in excluded.patterns)])
 
 
 def _reason(entry: Entry | None, st: Stat) -> tuple[str | None, bool]:

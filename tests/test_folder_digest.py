@@ -23,6 +23,7 @@ from daemon.model import ScanScope
 from daemon.scan import scan
 from daemon.schema import MIGRATIONS, SCHEMA_VERSION, statements
 from daemon.toolstore import ToolStore
+from daemon.walk import listing_digest
 from tests.engine import run_scan, settle
 from tests.test_scan_cases import _BetweenSteps, sync
 
@@ -153,6 +154,29 @@ def test_a_skipped_folder_still_counts_its_children(digested: Path, index: Index
     # 4 folders, 15 files (skip.tmp is excluded, so not walked)
     assert report.walked == 19
     assert report.files_hashed == 0
+
+
+@pytest.mark.parametrize(
+    "field", ["st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns"]
+)
+def test_the_listing_digest_covers_every_lstat_field_the_index_compares(library: Path, field: str) -> None:
+    """Most changes move ctime too, so the sync tests would not see a field left out of the
+    digest: each field alone must change it, and the access time (read by every backup) not."""
+    (library / "a.jpg").write_bytes(b"a")
+    st = os.lstat(library / "a.jpg")
+    reduced = st.__reduce__()
+    assert isinstance(reduced, tuple)
+    visible, extra = reduced[1]  # the stat tuple's ten items, then the named-only fields
+    fields = dict(zip(("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size"), visible[:7])) | extra
+
+    def digest(**changed: int) -> bytes:
+        values = fields | changed
+        same = os.stat_result((*(values[name] for name in list(fields)[:7]), *visible[7:]), values)
+        return listing_digest(b"seed", [(b"a.jpg", same)])
+
+    assert digest() == listing_digest(b"seed", [(b"a.jpg", st)])
+    assert digest(**{field: fields[field] + 1}) != digest()
+    assert digest(st_atime_ns=fields["st_atime_ns"] + 10**9) == digest()
 
 
 @pytest.mark.parametrize(
