@@ -49,6 +49,9 @@ class Write:
     old_path: bytes | None = None
     evict_id: int | None = None  # a row to delete first because this one takes its path
     park_id: int | None = None  # a row to move aside first: it is renamed elsewhere later
+    # Only the racy flag is stored: a racily clean row checked again and found as indexed. No
+    # feed entry, and the row keeps its seq (the seq of its last change).
+    quiet: bool = False
 
 
 @dataclass(slots=True)
@@ -432,6 +435,9 @@ class ScanJournal:
                     inserts.clear()
 
             for w in batch.writes:
+                if w.quiet:
+                    self.db.execute("UPDATE entries SET racy = ? WHERE id = ?", (w.racy, w.entry_id))
+                    continue
                 seq += 1
                 if w.evict_id is not None or w.park_id is not None or w.entry_id is not None:
                     flush_inserts()

@@ -208,7 +208,9 @@ class Stepper:
                 self.batch.digests.append((row.path, listing.digest))
             else:
                 self.listings[row.path] = listing
-        if write is not None:
+        if write is not None and write.quiet:
+            self.batch.writes.append(write)
+        elif write is not None:
             if row.entry_id is not None and row.reason in ("content", "replaced"):
                 # The row this path had may be one name of a hard-linked file whose inode the
                 # path no longer holds (`echo > b; rm b; echo > b`, b a hard link of a): written
@@ -336,7 +338,17 @@ class Stepper:
         racy = is_racily_clean(st.mtime_ns, result.read_started_ns, granularity)
         common = {"blake3": result.digest, "racy": racy, "scheme": HASH_SCHEME, "xattrs": result.xattrs}
         if row.reason == "content" and row.entry_id is not None:
-            op = Op.METADATA if self.journal.hash_of(row.entry_id) == result.digest else Op.MODIFIED
+            old = self.journal.entry(row.path)
+            if old is None or old.id != row.entry_id:
+                same_content = self.journal.hash_of(row.entry_id) == result.digest
+            else:
+                same_content = old.blake3 == result.digest
+                if same_content and old.stat == st and old.xattrs == result.xattrs and old.scheme == HASH_SCHEME:
+                    # A racily clean row checked again (rules.classify) and found as indexed:
+                    # nothing changed, so nothing goes to the feed, whose `metadata` says that
+                    # something did (docs/feed.md); only the racy flag moves.
+                    return Write(Op.METADATA, row.path, st, row.entry_id, row.parent_id, quiet=True, **common)  # type: ignore[arg-type]
+            op = Op.METADATA if same_content else Op.MODIFIED
             return Write(op, row.path, st, row.entry_id, row.parent_id, **common)  # type: ignore[arg-type]
         # New here: the last resort of rename matching is a gone file with the same content.
         # (A first index has nothing gone: skip the query, one per file, when there is none.)

@@ -20,7 +20,9 @@ from daemon.config import RootConfig, SyncConfig
 from daemon.index import Index
 from daemon.model import ScanReport, ScanScope
 from daemon.progress import NoProgress
+from daemon.rules import LOCAL_GRANULARITY_NS
 from daemon.scan import scan
+from tests.conftest import wait_for
 from tests.engine import replay, rows, run_scan, settle
 from tests.oracle import diff, expected
 
@@ -306,6 +308,25 @@ def test_racily_clean_file_is_rehashed_next_pass(library: Path, index: Index) ->
     hashed = index.counters()["files_hashed"]
     sync(index, library)
     assert index.counters()["files_hashed"] == hashed  # clean now: not re-hashed again
+
+
+def test_a_racy_row_checked_again_and_found_as_indexed_says_nothing_in_the_feed(library: Path, index: Index) -> None:
+    """The feed's `metadata` says that mode, owner, times or xattrs changed (docs/feed.md): a
+    re-check that finds content, stat and xattrs as indexed clears the flag and says nothing."""
+    f = library / "f"
+    f.write_bytes(b"same")
+    sync(index, library)
+    e = index.entry(1, b"f")
+    assert e is not None and e.racy  # written just now: not trusted yet
+    seq, hashed = index.last_seq(), index.counters()["files_hashed"]
+    # Not `settle`, which moves the mtime: the clock passes the racy window instead.
+    wait_for(lambda: time.time_ns() > e.stat.mtime_ns + LOCAL_GRANULARITY_NS, 5, what="the racy window to pass")
+    sync(index, library)
+    after = index.entry(1, b"f")
+    assert after is not None and not after.racy and after.seq == e.seq
+    assert index.counters()["files_hashed"] == hashed + 1  # it was read again
+    assert feed(index, seq) == []
+    assert index.last_seq() == seq
 
 
 def test_subtree_scan_only_touches_its_scope(library: Path, index: Index) -> None:
