@@ -367,6 +367,11 @@ class ScanJournal:
         path: bytes = row[0]
         return path[1:] if path.startswith(b"\x00") else path
 
+    def marked_corrupt(self, entry_id: int) -> bool:
+        """Whether `verify` (or a repair, which keeps its marks) found the file unlike its hash."""
+        row = self.db.execute("SELECT corrupt_blake3 IS NOT NULL FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return row is not None and bool(row[0])
+
     def hash_of(self, entry_id: int) -> bytes | None:
         """The content hash an entry holds (None when it has none, or no longer exists)."""
         row = self.db.execute("SELECT blake3 FROM entries WHERE id = ?", (entry_id,)).fetchone()

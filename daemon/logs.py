@@ -184,7 +184,7 @@ _WATCHDOG_SAID_BETTER = {
 
 
 def _not_said_better(record: Any) -> bool:
-    return record.msg not in _WATCHDOG_SAID_BETTER
+    return not (isinstance(record.msg, str) and record.msg in _WATCHDOG_SAID_BETTER)
 
 
 def quiet_watchdog() -> None:

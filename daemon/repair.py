@@ -291,9 +291,9 @@ def _trust(row: dict[str, Any]) -> bool:
     if row["xattrs"] is not None and not _xattrs_sound(row["xattrs"]):
         row["xattrs"], row["ctime_ns"] = None, 0
     if row["kind"] == Kind.FILE.value and row["blake3"] is not None and row["hash_vouched"] != 1:
-        # Kept, but racily clean: the sync hashes the file before trusting it, and the feed says
-        # `metadata` when the content is what the row said (the index page was the broken one),
-        # `modified` when the hash was garbage.
+        # Kept, but racily clean: the sync hashes the file before trusting it; the feed says
+        # nothing when the content and the lstat are what the row said (the index page was the
+        # broken one), `metadata` when only the lstat differs, `modified` when the hash was garbage.
         row["racy"] = 1
         return False
     return True

@@ -343,10 +343,18 @@ class Stepper:
                 same_content = self.journal.hash_of(row.entry_id) == result.digest
             else:
                 same_content = old.blake3 == result.digest
-                if same_content and old.stat == st and old.xattrs == result.xattrs and old.scheme == HASH_SCHEME:
+                if (
+                    same_content
+                    and old.stat == st
+                    and old.xattrs == result.xattrs
+                    and old.scheme == HASH_SCHEME
+                    and not self.journal.marked_corrupt(row.entry_id)
+                ):
                     # A racily clean row checked again (rules.classify) and found as indexed:
                     # nothing changed, so nothing goes to the feed, whose `metadata` says that
-                    # something did (docs/feed.md); only the racy flag moves.
+                    # something did (docs/feed.md); only the racy flag moves. A row `verify`
+                    # marked corrupt is not quiet: the write that clears the mark is in the feed,
+                    # which is how the catalogue hears of it.
                     return Write(Op.METADATA, row.path, st, row.entry_id, row.parent_id, quiet=True, **common)  # type: ignore[arg-type]
             op = Op.METADATA if same_content else Op.MODIFIED
             return Write(op, row.path, st, row.entry_id, row.parent_id, **common)  # type: ignore[arg-type]

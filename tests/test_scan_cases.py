@@ -17,10 +17,11 @@ import xattr
 
 from daemon import queries
 from daemon.config import RootConfig, SyncConfig
+from daemon.fs import fs_type
 from daemon.index import Index
 from daemon.model import ScanReport, ScanScope
 from daemon.progress import NoProgress
-from daemon.rules import LOCAL_GRANULARITY_NS
+from daemon.rules import granularity_ns
 from daemon.scan import scan
 from tests.conftest import wait_for
 from tests.engine import replay, rows, run_scan, settle
@@ -320,13 +321,31 @@ def test_a_racy_row_checked_again_and_found_as_indexed_says_nothing_in_the_feed(
     assert e is not None and e.racy  # written just now: not trusted yet
     seq, hashed = index.last_seq(), index.counters()["files_hashed"]
     # Not `settle`, which moves the mtime: the clock passes the racy window instead.
-    wait_for(lambda: time.time_ns() > e.stat.mtime_ns + LOCAL_GRANULARITY_NS, 5, what="the racy window to pass")
+    window = granularity_ns(fs_type(os.fsencode(library)))
+    wait_for(lambda: time.time_ns() > e.stat.mtime_ns + window, 10, what="the racy window to pass")
     sync(index, library)
     after = index.entry(1, b"f")
     assert after is not None and not after.racy and after.seq == e.seq
     assert index.counters()["files_hashed"] == hashed + 1  # it was read again
     assert feed(index, seq) == []
     assert index.last_seq() == seq
+
+
+def test_a_racy_row_marked_corrupt_and_found_as_indexed_is_in_the_feed(library: Path, index: Index) -> None:
+    """A repair keeps `verify`'s marks and makes rows it cannot vouch for racily clean: the
+    re-check that finds such a file as its row said clears the mark, and says so (`metadata`),
+    so that programs following the feed, the catalogue among them, hear that it is sound."""
+    f = library / "f"
+    f.write_bytes(b"sound")
+    settle(library)
+    sync(index, library)
+    with index.transaction():
+        index.db.execute("UPDATE entries SET racy = 1, corrupt_blake3 = ? WHERE path = ?", (b"\x01" * 32, b"f"))
+    seq = index.last_seq()
+    assert index.corrupt_count(1) == 1
+    sync(index, library)
+    assert feed(index, seq) == [("metadata", "f", None)]
+    assert index.corrupt_count(1) == 0
 
 
 def test_subtree_scan_only_touches_its_scope(library: Path, index: Index) -> None:
