@@ -196,3 +196,22 @@ def quiet_watchdog() -> None:
     # A logger's filters see only the records logged on it, not those of its children.
     for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
         logging.getLogger(name).addFilter(_not_said_better)
+
+
+class Throttle:
+    """One line per ``every_s`` for an event that can repeat every few seconds (an inotify
+    queue overflowing through a storm of a million events): the first is logged, the rest are
+    counted and the count goes with the next line logged. Takes the (monotonic) clock as a value."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.told_at: float | None = None
+        self.untold = 0
+
+    def tell(self, now: float) -> int | None:
+        """How many went unlogged since the last line, when this one is to be logged; else None."""
+        if self.told_at is not None and now - self.told_at < self.every_s:
+            self.untold += 1
+            return None
+        untold, self.told_at, self.untold = self.untold, now, 0
+        return untold

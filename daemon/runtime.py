@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from daemon import fs
+from daemon import fs, logs
 from daemon.aggregate import Aggregator
 from daemon.config import RootConfig
 from daemon.filters import Excluder
@@ -20,6 +20,9 @@ from daemon.watch import RootWatcher
 
 # The oldest pending paths of a root that `status` and the stall guard's log line name.
 PENDING_PATHS_SHOWN = 10
+# Through a storm the inotify queue can overflow every few seconds, each a full sync: one
+# journal line a minute says so (with the sysctl to raise), and how many it stands for.
+OVERFLOW_LOGGED_EVERY_S = 60.0
 
 
 @dataclass(eq=False)
@@ -45,6 +48,8 @@ class RootRuntime:
     progress: LiveProgress = field(default_factory=LiveProgress)
     files: int = 0
     overflows: int = 0  # not yet written to the database
+    # An overflow is logged once per OVERFLOW_LOGGED_EVERY_S (a storm overflows every few seconds).
+    overflow_lines: logs.Throttle = field(default_factory=lambda: logs.Throttle(OVERFLOW_LOGGED_EVERY_S))
     poll_pass: bool = False  # the next full sync is a polling pass, not one an admin alerts on
     # The mounts below the root (not excluded), by mount point: what the mount table showed last.
     mounts: dict[bytes, Mount] = field(default_factory=dict)

@@ -349,9 +349,12 @@ class Scheduler:
 
     def _on_watch_problem(self, rt: RootRuntime, ev: WatchEvent, now: float) -> None:
         if ev.kind is EventKind.OVERFLOW:
-            self.log.warning("events were lost; full sync scheduled", root=rt.path, reason=ev.detail,
-                             message_id=MessageId.OVERFLOW)  # fmt: skip
-            rt.overflows += 1
+            rt.overflows += 1  # every one counts in `status`, logged or not
+            untold = rt.overflow_lines.tell(now)
+            if untold is not None:
+                more = {"overflows_not_logged": untold} if untold else {}
+                self.log.warning("events were lost; full sync scheduled", root=rt.path, reason=ev.detail,
+                                 message_id=MessageId.OVERFLOW, **more)  # fmt: skip
         elif ev.kind is EventKind.WATCH_LIMIT:
             self.log.warning("not every folder can be watched; polling instead", root=rt.path, reason=ev.detail,
                              message_id=MessageId.WATCH_LIMIT)  # fmt: skip

@@ -243,3 +243,45 @@ def test_after_every_event_the_worker_sleeps_no_later_than_the_next_round(
             await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_an_overflow_storm_is_one_line_a_minute_and_every_overflow_counts(library: Path, db: Path) -> None:
+    """Through a storm the queue overflows every few seconds: the first is logged with the
+    sysctl to raise, the others within the minute are counted, and `status` counts them all."""
+    out = io.StringIO()
+    _log_to(out)
+    counted: list[int] = []
+
+    async def scenario() -> None:
+        scheduler = Scheduler(_config(library, db), threading.Event())
+        await scheduler.start()
+        try:
+            rt = scheduler.roots[os.fsencode(library)]
+            for _ in range(5):
+                scheduler.on_event(rt, WatchEvent(EventKind.OVERFLOW, detail="the inotify event queue overflowed"))
+            counted.append(rt.overflows)
+        finally:
+            await scheduler.drain()
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert counted == [5]
+    lines = [line for line in out.getvalue().splitlines() if MessageId.OVERFLOW in line]
+    assert len(lines) == 1 and "overflows_not_logged" not in lines[0], out.getvalue()[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("times", "logged"),
+    [
+        ([0.0], [0]),  # the first is logged
+        ([0.0, 1.0, 59.9], [0, None, None]),  # the rest of the minute counted
+        ([0.0, 1.0, 59.9, 60.0], [0, None, None, 2]),  # the next line says how many it stands for
+        ([0.0, 30.0, 61.0, 90.0, 125.0], [0, None, 1, None, 1]),  # a minute from the last line logged
+        ([100.0, 500.0], [0, 0]),  # apart: each its own line
+    ],
+)
+def test_a_throttled_line_is_logged_once_per_interval_with_the_count_it_stands_for(
+    times: list[float], logged: list[int | None]
+) -> None:
+    throttle = logs.Throttle(60.0)
+    assert [throttle.tell(now) for now in times] == logged
