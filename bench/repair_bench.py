@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,35 +23,14 @@ import time
 from pathlib import Path
 
 from bench.corpus import ensure, human, photos_spec
+from tests.damage import damage
 
-PAGE = 4096
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def treewatch(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "daemon", "--db", str(db), *args], capture_output=True, text=True,
                           check=False)  # fmt: skip
-
-
-def damage(db: Path, seed: int, chunks: int) -> list[int]:
-    """Overwrite ``chunks`` runs of 4 KiB at random offsets, sparing page 1 and the roots' page."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        spared = {1, *(int(p) for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'roots'"))}
-    finally:
-        con.close()
-    rng = random.Random(seed)
-    size = db.stat().st_size
-    offsets: list[int] = []
-    while len(offsets) < chunks:
-        at = rng.randrange(PAGE, size - PAGE)
-        if not {at // PAGE + 1, (at + PAGE - 1) // PAGE + 1} & spared:
-            offsets.append(at)
-    with db.open("r+b") as f:
-        for at in offsets:
-            f.seek(at)
-            f.write(rng.randbytes(PAGE))
-    return offsets
 
 
 def cpu_model() -> str:

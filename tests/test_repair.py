@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Daemon, write_config
+from tests.damage import PAGE, damage, pages_of
 from tests.oracle import cli, diff, expected, indexed
 
-PAGE = 4096
 DAMAGED_ID = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0b"
 REPAIRED_ID = "5b0e1b8c3f4a4e6b9a7d2c1e8f3a6b0c"
 # What the commands read, each of them at least one table or index of the damaged file.
@@ -39,40 +38,6 @@ def make_library(root: Path, seed: int, folders: int = 40, files: int = 60) -> i
             (folder / f"IMG_{f:03d}_{i:04d}.jpg").write_bytes(data)
             total += len(data)
     return total
-
-
-def pages_of(db: Path) -> dict[str, list[int]]:
-    """Each table's and index's pages, read with SQLite's dbstat (on a copy: it is never opened
-    again as it was)."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        out: dict[str, list[int]] = {}
-        for name, page in con.execute("SELECT name, pageno FROM dbstat"):
-            out.setdefault(name, []).append(int(page))
-        return out
-    finally:
-        con.close()
-
-
-def damage(db: Path, seed: int, chunks: int = 5) -> list[int]:
-    """Overwrite ``chunks`` runs of 4 KiB at random offsets with random bytes, as a failing card
-    or a lying cache does; the offsets. Page 1 (the schema) and the page of `roots` are spared:
-    losing either loses the whole salvage, which test_unreadable_files covers."""
-    pages = pages_of(db)
-    spared = {1, *pages.get("roots", [])}
-    rng = random.Random(seed)
-    size = db.stat().st_size
-    offsets: list[int] = []
-    while len(offsets) < chunks:
-        at = rng.randrange(PAGE, size - PAGE)
-        if {at // PAGE + 1, (at + PAGE - 1) // PAGE + 1} & spared:
-            continue
-        offsets.append(at)
-    with db.open("r+b") as f:
-        for at in offsets:
-            f.seek(at)
-            f.write(rng.randbytes(PAGE))
-    return offsets
 
 
 def damage_each_btree(db: Path, seed: int) -> None:

@@ -61,16 +61,24 @@ def matches_disk(ns: Namespace, db: Path, root: Path) -> list[str]:
     return diff(ns.expected(root), indexed(db, root))
 
 
-def test_ext4_volume_unmounted_is_offline_and_comes_back_on_another_loop_device_without_rehash(
-    tmp_path: Path, ns: Namespace
-) -> None:
+def library_with_usb(ns: Namespace, tmp_path: Path, root_files: int | None = 2) -> tuple[Path, Path, Path, Path]:
+    """A library whose folder `usb` is an ext4 image loop-mounted and filled with photos, and
+    ``root_files`` files beside it: (root, database path, mount point, image)."""
     root, db = tmp_path / "lib", tmp_path / "index.db"
     usb = root / "usb"
     usb.mkdir(parents=True)
     image = ns.ext4(tmp_path / "usb.img")
     ns.run("mount", "-o", "loop", str(image), str(usb))
     fill(ns, usb, "photo")
-    fill(ns, root, "root", files=2)
+    if root_files is not None:
+        fill(ns, root, "root", files=root_files)
+    return root, db, usb, image
+
+
+def test_ext4_volume_unmounted_is_offline_and_comes_back_on_another_loop_device_without_rehash(
+    tmp_path: Path, ns: Namespace
+) -> None:
+    root, db, usb, image = library_with_usb(ns, tmp_path)
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     before = ns.status(db)
     v = volume(before, usb)
@@ -196,12 +204,7 @@ def test_volume_unmounted_between_walk_and_deletions_keeps_its_rows(tmp_path: Pa
     """Step 3 re-checks the volumes before every batch: the volume is unmounted at the moment the
     scan enters its deleting phase (its own progress hook), with deletions pending inside it and
     beside it. Those beside it are deleted; those inside it stay, with everything else there."""
-    root, db = tmp_path / "lib", tmp_path / "index.db"
-    usb = root / "usb"
-    usb.mkdir(parents=True)
-    ns.run("mount", "-o", "loop", str(ns.ext4(tmp_path / "usb.img")), str(usb))
-    fill(ns, usb, "photo")
-    fill(ns, root, "root", files=4)
+    root, db, usb, _ = library_with_usb(ns, tmp_path, root_files=4)
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     count = rows(db)
     ns.sh(f"rm '{usb}/photo1' '{usb}/photo2' '{root}/root1' '{root}/root2'")
@@ -251,12 +254,7 @@ def test_an_index_made_before_volumes_keeps_an_unplugged_disk(tmp_path: Path, ns
     """An index of schema 6 knew no volumes. The upgrade records every folder on another device
     than its parent as a possible volume; the first scan after it finds the disk unplugged (its
     mount point a plain folder) and deletes nothing."""
-    root, db = tmp_path / "lib", tmp_path / "index.db"
-    usb = root / "usb"
-    usb.mkdir(parents=True)
-    image = ns.ext4(tmp_path / "usb.img")
-    ns.run("mount", "-o", "loop", str(image), str(usb))
-    fill(ns, usb, "photo")
+    root, db, usb, image = library_with_usb(ns, tmp_path, root_files=None)
     assert ns.tw(db, "scan", "--root", str(root)).returncode == 0
     count, seq = rows(db), ns.status(db)["seq"]
     with sqlite3.connect(db) as con:  # as an index of schema 6 was: nothing of 7 (volumes) or later
@@ -289,13 +287,7 @@ def daemon_in(ns: Namespace, tmp_path: Path, root: Path, db: Path) -> Daemon:
 
 
 def test_daemon_volume_unmounted_and_mounted_again(tmp_path: Path, ns: Namespace) -> None:
-    root, db = tmp_path / "lib", tmp_path / "index.db"
-    usb = root / "usb"
-    usb.mkdir(parents=True)
-    image = ns.ext4(tmp_path / "usb.img")
-    ns.run("mount", "-o", "loop", str(image), str(usb))
-    fill(ns, usb, "photo")
-    fill(ns, root, "root", files=2)
+    root, db, usb, image = library_with_usb(ns, tmp_path)
     d = daemon_in(ns, tmp_path, root, db)
     try:
         assert volume(status_of(d), usb)["state"] == "online"
