@@ -75,10 +75,9 @@ def test_chain_mv_b_c_then_mv_a_b_keeps_both_identities(library: Path, index: In
     assert feed(index, seq) == [("renamed", "c", "b"), ("renamed", "b", "a")]
 
 
-def test_log_rotation_keeps_each_name_when_the_log_is_made_again(library: Path, index: Index) -> None:
-    """`mv log.1 log.2; mv log log.1; > log`: the name `log` is taken again by a new file, so
-    each name keeps its entry and says `modified`, as path-keyed tools (git, Syncthing) do
-    (docs/feed.md, "Save patterns"); nothing is announced deleted or added."""
+def rotate_logs(index: Index, library: Path) -> tuple[dict[str, int], int]:
+    """`log`, `log.1`, `log.2` indexed, then `mv log.1 log.2; mv log log.1`: their identities and
+    the feed's seq before the rotation."""
     for name, n in (("log", 1), ("log.1", 2), ("log.2", 3)):
         (library / name).write_bytes(bytes([n]) * 100 * n)
     settle(library)
@@ -87,6 +86,14 @@ def test_log_rotation_keeps_each_name_when_the_log_is_made_again(library: Path, 
     seq = index.last_seq()
     os.rename(library / "log.1", library / "log.2")
     os.rename(library / "log", library / "log.1")
+    return ids, seq
+
+
+def test_log_rotation_keeps_each_name_when_the_log_is_made_again(library: Path, index: Index) -> None:
+    """`mv log.1 log.2; mv log log.1; > log`: the name `log` is taken again by a new file, so
+    each name keeps its entry and says `modified`, as path-keyed tools (git, Syncthing) do
+    (docs/feed.md, "Save patterns"); nothing is announced deleted or added."""
+    ids, seq = rotate_logs(index, library)
     (library / "log").write_bytes(b"new")
     sync(index, library)
     assert {n: ident(index, library, n) for n in ids} == ids
@@ -97,14 +104,7 @@ def test_log_rotation_keeps_each_name_when_the_log_is_made_again(library: Path, 
 def test_log_rotation_without_a_new_log_is_a_chain_of_renames(library: Path, index: Index) -> None:
     """No new file takes the first name: the entries move with their files, in an order a
     consumer can replay, and log.2's old content is gone."""
-    for name, n in (("log", 1), ("log.1", 2), ("log.2", 3)):
-        (library / name).write_bytes(bytes([n]) * 100 * n)
-    settle(library)
-    sync(index, library)
-    ids = {n: ident(index, library, n) for n in ("log", "log.1", "log.2")}
-    seq = index.last_seq()
-    os.rename(library / "log.1", library / "log.2")
-    os.rename(library / "log", library / "log.1")
+    ids, seq = rotate_logs(index, library)
     sync(index, library)
     assert ident(index, library, "log.2") == ids["log.1"]
     assert ident(index, library, "log.1") == ids["log"]
