@@ -27,6 +27,7 @@ from daemon.model import (
     Op,
     QueueRow,
     Stat,
+    entry_of,
     parent_of,
 )
 
@@ -367,15 +368,13 @@ class ScanJournal:
         path: bytes = row[0]
         return path[1:] if path.startswith(b"\x00") else path
 
-    def marked_corrupt(self, entry_id: int) -> bool:
-        """Whether `verify` (or a repair, which keeps its marks) found the file unlike its hash."""
-        row = self.db.execute("SELECT corrupt_blake3 IS NOT NULL FROM entries WHERE id = ?", (entry_id,)).fetchone()
-        return row is not None and bool(row[0])
-
-    def hash_of(self, entry_id: int) -> bytes | None:
-        """The content hash an entry holds (None when it has none, or no longer exists)."""
-        row = self.db.execute("SELECT blake3 FROM entries WHERE id = ?", (entry_id,)).fetchone()
-        return None if row is None else row[0]
+    def as_indexed(self, entry_id: int) -> tuple[Entry, bool] | None:
+        """An entry as the index holds it, and whether `verify` (or a repair, which keeps its
+        marks) found its file unlike its hash; None when it no longer exists."""
+        row = self.db.execute(
+            f"SELECT {ENTRY_COLUMNS}, corrupt_blake3 IS NOT NULL FROM entries WHERE id = ?", (entry_id,)
+        ).fetchone()
+        return None if row is None else (entry_of(row[:-1]), bool(row[-1]))
 
     def other_names(self, entry_ids: Sequence[int], *, unless_file: tuple[int, int] | None = None) -> list[bytes]:
         """The other names (hard links) of these file entries, as the index knows them; with

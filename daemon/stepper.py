@@ -338,24 +338,21 @@ class Stepper:
         racy = is_racily_clean(st.mtime_ns, result.read_started_ns, granularity)
         common = {"blake3": result.digest, "racy": racy, "scheme": HASH_SCHEME, "xattrs": result.xattrs}
         if row.reason == "content" and row.entry_id is not None:
-            old = self.journal.entry(row.path)
-            if old is None or old.id != row.entry_id:
-                same_content = self.journal.hash_of(row.entry_id) == result.digest
-            else:
-                same_content = old.blake3 == result.digest
-                if (
-                    same_content
-                    and old.stat == st
-                    and old.xattrs == result.xattrs
-                    and old.scheme == HASH_SCHEME
-                    and not self.journal.marked_corrupt(row.entry_id)
-                ):
-                    # A racily clean row checked again (rules.classify) and found as indexed:
-                    # nothing changed, so nothing goes to the feed, whose `metadata` says that
-                    # something did (docs/feed.md); only the racy flag moves. A row `verify`
-                    # marked corrupt is not quiet: the write that clears the mark is in the feed,
-                    # which is how the catalogue hears of it.
-                    return Write(Op.METADATA, row.path, st, row.entry_id, row.parent_id, quiet=True, **common)  # type: ignore[arg-type]
+            held = self.journal.as_indexed(row.entry_id)
+            old, corrupt = held if held is not None else (None, True)
+            same_content = old is not None and old.blake3 == result.digest
+            if (
+                old is not None
+                and same_content
+                and not corrupt
+                and (old.path, old.stat, old.xattrs, old.scheme) == (row.path, st, result.xattrs, HASH_SCHEME)
+            ):
+                # A racily clean row checked again (rules.classify) and found as indexed: nothing
+                # changed, so nothing goes to the feed, whose `metadata` says that something did
+                # (docs/feed.md); only the racy flag moves. A row `verify` marked corrupt is not
+                # quiet: the write that clears the mark is in the feed, which is how the
+                # catalogue hears of it.
+                return Write(Op.METADATA, row.path, st, row.entry_id, row.parent_id, quiet=True, **common)  # type: ignore[arg-type]
             op = Op.METADATA if same_content else Op.MODIFIED
             return Write(op, row.path, st, row.entry_id, row.parent_id, **common)  # type: ignore[arg-type]
         # New here: the last resort of rename matching is a gone file with the same content.
