@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent
 
+from daemon import inotify
 from daemon.config import RootConfig, WatchConfig
 from daemon.events import EventKind, WatchEvent
 from daemon.rules import uses_polling
@@ -337,6 +338,63 @@ def test_a_folder_moved_in_is_watched_though_its_parent_moved_before_the_event_w
     asyncio.run(scenario())
 
 
+def test_folders_moved_again_before_their_events_were_read_are_named_where_they_ended(library: Path) -> None:
+    """The watches follow a folder by its descriptor, asked of the kernel at the move's
+    destination: moved on before the first move was read, it is found where it was, and named
+    where it ended by its next move. The nested case is torture seed 2 (`mv A/d/b X/n; mv A
+    X/n/m`), which once left b's events under X/n/m/d/b for good."""
+    (library / "d" / "e").mkdir(parents=True)
+    (library / "A" / "d" / "b" / "c").mkdir(parents=True)
+    (library / "X").mkdir()
+
+    async def scenario() -> None:
+        async with watching(library) as run:
+            watched = run.watcher.watched_dirs
+            with reader_held(run):
+                os.rename(library / "d", library / "x")
+                os.rename(library / "x", library / "y")
+                os.rename(library / "A" / "d" / "b", library / "X" / "n")
+                os.rename(library / "A", library / "X" / "n" / "m")
+            await run.seen(MOVED, b"x", dest=b"y")
+            await run.seen(MOVED, b"A", dest=b"X/n/m")
+            for rel in ("y/e/f", "X/n/c/f", "X/n/m/d/f", "X/n/m/f"):
+                (library / rel).write_bytes(b"1")
+                await run.seen(CHANGED, os.fsencode(rel))
+            assert run.watcher.watched_dirs == watched
+            changed = sorted({e.rel for e in run.events if e.kind is CHANGED and e.rel is not None})
+            assert changed == [b"X/n/c/f", b"X/n/m/d/f", b"X/n/m/f", b"y/e/f"]
+
+    asyncio.run(scenario())
+
+
+def test_a_folder_moved_out_is_forgotten_and_one_made_at_its_name_is_watched(tmp_path: Path, library: Path) -> None:
+    """Moved out of the root while a new folder took its name, or renamed and then moved out,
+    all before the events were read: the old folders' watches go (a change out there is not
+    reported under the root's path) and the new one is watched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (library / "d" / "e").mkdir(parents=True)
+    (library / "g" / "e").mkdir(parents=True)
+
+    async def scenario() -> None:
+        async with watching(library) as run:
+            with reader_held(run):
+                os.rename(library / "d", outside / "d")
+                (library / "d").mkdir()
+                os.rename(library / "g", library / "h")
+                os.rename(library / "h", outside / "h")
+            await run.seen(DELETED, b"d", is_dir=True)
+            await run.seen(DELETED, b"h", is_dir=True)
+            await until(lambda: run.watcher.watched_dirs == 2, "watches on the root and the new d only")
+            (outside / "d" / "e" / "f").write_bytes(b"out")
+            (outside / "h" / "e" / "f").write_bytes(b"out")
+            (library / "d" / "new").write_bytes(b"in")
+            await run.seen(CHANGED, b"d/new")
+            assert [e.rel for e in run.events if e.rel and e.rel.endswith(b"e/f")] == []
+
+    asyncio.run(scenario())
+
+
 def test_polling_observer_places_nothing_and_emits_nothing(library: Path) -> None:
     async def scenario() -> None:
         async with watching(library, observer="polling") as polled, watching(library) as sentinel:
@@ -427,31 +485,29 @@ def test_a_dead_observer_thread_is_reported_and_restarted(library: Path, monkeyp
     asyncio.run(scenario())
 
 
-def test_a_teardown_that_fails_inside_watchdog_still_restarts_inotify(
-    library: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """watchdog's teardown walks its path maps watch by watch; once they disagree (a folder seen
-    under two names) it raises KeyError. That killed the supervisor thread, and the root stayed
-    unwatched for good with nothing said (torture seed 13631969). Fault injection into watchdog:
-    its emitter dies on "boom", and its maps disagree when the dead session is torn down."""
+def test_a_teardown_that_fails_still_restarts_inotify(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teardown that raised killed the supervisor thread, and the root stayed unwatched for
+    good with nothing said (torture seed 13631969: watchdog's own teardown walked its path
+    maps, which disagreed). Fault injection: the emitter dies on "boom", and the dead
+    session's watch group raises as it is torn down."""
     (library / "sub").mkdir()
-    remove = InotifyWatchGroup._remove_watch_internally
+    deactivate = inotify._WatchGroup.deactivate
     armed = emitter_dies_once_on_boom(monkeypatch)
 
-    def disagrees(self: InotifyWatchGroup, wd: Any) -> None:
+    def fails(self: inotify._WatchGroup) -> None:
         if armed and len(armed) == 1:
             armed.append(True)
-            self._active_callbacks_by_path.pop(self._active_callbacks_by_watch[wd], None)
-        remove(self, wd)
+            raise KeyError("injected at teardown")
+        deactivate(self)
 
-    monkeypatch.setattr(InotifyWatchGroup, "_remove_watch_internally", disagrees)
+    monkeypatch.setattr(inotify._WatchGroup, "deactivate", fails)
 
     async def scenario() -> None:
         async with watching(library) as run:
             (library / "boom").write_text("b")
             await run.seen(EventKind.OBSERVER_DIED)
             await run.seen(EventKind.INOTIFY_RESTORED)
-            assert len(armed) == 2, "the teardown met the disagreeing maps"
+            assert len(armed) == 2, "the teardown raised"
             assert run.watcher.mode == "inotify"
             (library / "sub" / "after").write_text("a")
             await run.seen(CHANGED, b"sub/after")
