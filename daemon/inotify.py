@@ -431,7 +431,8 @@ class _WatchGroup:
         # IN_MOVED_FROM and IN_MOVED_TO did not pair up) is put at its place now: it has one
         # entry, so no stale name is left behind (torture seed 2: `mv A/d/b X/n; mv A X/n/m`
         # once put b's events under X/n/m/d/b, forever).
-        self.tree.place(wd, parent, name)
+        if not self.tree.place(wd, parent, name):
+            return None  # the folder is watched above: met again below itself through a bind mount
         self.tree.mark(wd)
         return wd
 

@@ -57,15 +57,19 @@ class WatchTree:
         start = self._start[wd]
         return bytes(self._names[start : start + self._length[wd]])
 
-    def place(self, wd: int, parent: int, name: bytes) -> None:
-        """Record that ``wd`` is the folder ``name`` in the folder ``parent`` (ROOT_PARENT: the root)."""
+    def place(self, wd: int, parent: int, name: bytes) -> bool:
+        """Record that ``wd`` is the folder ``name`` in the folder ``parent`` (ROOT_PARENT: the
+        root). False, and nothing recorded, if ``wd`` is ``parent`` or above it: a folder met
+        again below itself (a bind mount of an ancestor) would make a cycle with no path."""
         if wd >= len(self._parent):
             self._grow(wd)
         if self._parent[wd] == _ABSENT:
             self.count += 1
+        elif self._above(wd, parent):
+            return False
         elif self.name(wd) == name:
             self._parent[wd] = parent
-            return
+            return True
         else:
             self._garbage += self._length[wd]
         self._parent[wd] = parent
@@ -74,6 +78,18 @@ class WatchTree:
         self._names += name
         if self._garbage > _COMPACT_AFTER and self._garbage * 2 > len(self._names):
             self._compact()
+        return True
+
+    def _above(self, wd: int, below: int) -> bool:
+        """Is ``wd`` the folder ``below`` or one of its ancestors? (Only asked of a wd already
+        placed: a new one is above nothing.)"""
+        parent, steps = self._parent, 0
+        while below > 0 and steps <= self.count:
+            if below == wd:
+                return True
+            below = parent[below] if below < len(parent) else _ABSENT
+            steps += 1
+        return False
 
     def remove(self, wd: int) -> bool:
         """Forget ``wd``; False if it was not there."""

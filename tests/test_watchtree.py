@@ -43,9 +43,17 @@ def test_below_a_removed_folder_nothing_has_a_path() -> None:
     assert len(tree) == 2
 
 
+def test_a_folder_met_again_below_itself_is_refused() -> None:
+    """A bind mount of an ancestor shows the kernel the same folder, so the same wd, below itself."""
+    tree = tree_of((2, 1, b"a"), (3, 2, b"b"))
+    assert not tree.place(2, 3, b"loop") and not tree.place(1, 3, b"root-again") and not tree.place(3, 3, b"b")
+    assert tree.path(3) == b"/srv/photos/a/b" and tree.path(1) == TOP
+    assert tree.place(3, 1, b"b")  # a real move up is no cycle
+
+
 def test_a_cycle_only_broken_bookkeeping_could_make_ends_in_no_path() -> None:
     tree = tree_of((2, 1, b"a"), (3, 2, b"b"))
-    tree.place(2, 3, b"a")
+    tree._parent[2] = 3  # what place() refuses to do
     assert tree.path(3) is None and tree.path(2) is None
     assert tree.below([3]) == [2, 3]
 
@@ -100,6 +108,14 @@ _OPS = st.lists(
 )
 
 
+def ancestors(model: dict[int, tuple[int, bytes]], wd: int) -> set[int]:
+    found: set[int] = set()
+    while wd in model and wd not in found:
+        found.add(wd)
+        wd = model[wd][0]
+    return found
+
+
 @given(_OPS)
 def test_paths_match_a_plain_map_of_every_folder_whatever_the_operations(
     ops: list[tuple[str, int, int, bytes]],
@@ -111,8 +127,10 @@ def test_paths_match_a_plain_map_of_every_folder_whatever_the_operations(
     tree.place(1, ROOT_PARENT, b"")
     for op, wd, parent, name in ops:
         if op == "place":
-            tree.place(wd, parent, name)
-            model[wd] = (parent, name)
+            cycle = wd in model and (wd == parent or wd in ancestors(model, parent))
+            assert tree.place(wd, parent, name) == (not cycle)
+            if not cycle:
+                model[wd] = (parent, name)
         else:
             assert tree.remove(wd) == (model.pop(wd, None) is not None)
         if len(tree._names) > 64:
