@@ -109,6 +109,17 @@ def _excluded_name(paths: RootPaths, rel: bytes | None) -> WatchEvent | None:
     return WatchEvent(EventKind.CHANGED, rel)
 
 
+def _excluded_elsewhere(paths: RootPaths, excluded_end: bytes | None, other_end: bytes) -> bool:
+    """A move's excluded end is a name right below an indexed folder other than the other end's:
+    that folder's mtime moved too, so the event names both ends and the scan of the excluded one
+    refreshes its folder's own row (walk.walk_scope). Torture seed 7072: `mv vol/lost+found
+    vol/a/b/c` left the volume's own row with its old mtime. In one folder (an editor's safe
+    save) the other end's scan refreshes it already."""
+    if excluded_end is None or _excluded_name(paths, excluded_end) is None:
+        return False
+    return excluded_end.rpartition(b"/")[0] != other_end.rpartition(b"/")[0]
+
+
 def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
     # Synthetic events are watchdog's walk of a folder moved or moved in (events.py:665-709):
     # one per descendant. MOVED of the folder and CREATED_DIR (walk it whole) already cover them.
@@ -116,15 +127,19 @@ def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
         return None
     is_dir = event.is_directory
     if isinstance(event, FileSystemMovedEvent):
-        src = paths.rel(event.src_path)
-        dest = paths.rel(event.dest_path) if event.dest_path else None
-        src = src if src and not paths.excluded(src) else None  # b"": the root (ROOT_GONE)
-        dest = dest if dest and not paths.excluded(dest) else None
+        src_rel = paths.rel(event.src_path)
+        dest_rel = paths.rel(event.dest_path) if event.dest_path else None
+        src = src_rel if src_rel and not paths.excluded(src_rel) else None  # b"": the root (ROOT_GONE)
+        dest = dest_rel if dest_rel and not paths.excluded(dest_rel) else None
         if src is not None and dest is not None:
             return WatchEvent(EventKind.MOVED, src, dest, is_dir)
         if dest is not None:  # moved in, or from an excluded name (an editor's temp file)
+            if _excluded_elsewhere(paths, src_rel, dest):
+                return WatchEvent(EventKind.MOVED, src_rel, dest, is_dir)
             return WatchEvent(EventKind.CREATED_DIR if is_dir else EventKind.CHANGED, dest, is_dir=is_dir)
         if src is not None:  # moved out, or to an excluded name
+            if _excluded_elsewhere(paths, dest_rel, src):
+                return WatchEvent(EventKind.MOVED, src, dest_rel, is_dir)
             return WatchEvent(EventKind.DELETED, src, is_dir=is_dir)
         # From one excluded name to another (an editor's temp files): its folder's own mtime.
         return _excluded_name(paths, paths.rel(event.dest_path) if event.dest_path else None)

@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemon_harness import Daemon, write_config
 from tests.engine import HASH_WORKER, many_small_files, processes
+from tests.oracle import diff, expected, indexed
 
 
 @pytest.fixture
@@ -95,6 +96,24 @@ def test_moves_in_and_out_of_the_root(daemon: Daemon, library: Path, tmp_path: P
     ops = {(c["op"], Path(str(c["path"])).name) for c in changes(daemon)}
     assert ("added", "x.jpg") in ops
     assert ("deleted", "leaving.jpg") in ops
+
+
+def test_an_excluded_folder_moved_into_another_folder_refreshes_the_folder_it_left(
+    daemon: Daemon, library: Path
+) -> None:
+    # lost+found is excluded by default; moving it out of a volume's top changes that folder's
+    # mtime, which only the move's excluded source names (torture seed 7072).
+    def converged() -> bool:
+        want = expected(library, exclude_names=(b"lost+found",))
+        return daemon.quiet() and diff(want, indexed(daemon.db, library)) == [] and daemon.quiet()
+
+    (library / "vol" / "lost+found").mkdir(parents=True)
+    (library / "vol" / "a" / "b").mkdir(parents=True)
+    daemon.wait(converged, 60, "the tree indexed")
+    (library / "vol" / "lost+found").rename(library / "vol" / "a" / "b" / "c")
+    daemon.wait(converged, 60, "vol's own row refreshed")
+    (library / "vol" / "a" / "b" / "c").rename(library / "vol" / "lost+found")  # back: to an excluded name
+    daemon.wait(converged, 60, "b's own row refreshed")
 
 
 def test_rsync_into_the_root_records_temp_file_renames(daemon: Daemon, library: Path, tmp_path: Path) -> None:

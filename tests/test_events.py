@@ -65,6 +65,22 @@ CASES: list[tuple[str, FileSystemEvent, WatchEvent | None]] = [
         WatchEvent(CHANGED, b"b.jpg"),
     ),
     ("renamed to an excluded name", FileMovedEvent(at(b"c.jpg"), at(b"c.tmp")), WatchEvent(DELETED, b"c.jpg")),
+    # The excluded end's folder changed too: named, so its own row is refreshed (seed 7072).
+    (
+        "excluded folder moved into another folder",
+        DirMovedEvent(at(b"vol/.stversions"), at(b"vol/a/b/c")),
+        WatchEvent(MOVED, b"vol/.stversions", b"vol/a/b/c", is_dir=True),
+    ),
+    (
+        "file moved to an excluded name in another folder",
+        FileMovedEvent(at(b"d/c.jpg"), at(b"e/c.tmp")),
+        WatchEvent(MOVED, b"d/c.jpg", b"e/c.tmp"),
+    ),
+    (
+        "moved in from deep in an excluded tree: nothing of it is watched or indexed",
+        DirMovedEvent(at(b".stversions/x"), at(b"d/x")),
+        WatchEvent(CREATED_DIR, b"d/x", is_dir=True),
+    ),
     # Not entries, but their folder's mtime moved: the scan refreshes the folder's own row.
     ("renamed between excluded names", FileMovedEvent(at(b"a.tmp"), at(b"b.tmp")), WatchEvent(CHANGED, b"b.tmp")),
     ("the root itself moved", DirMovedEvent(TOP, b"/srv/old"), None),
