@@ -13,9 +13,11 @@ and the index must match that.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Callable
@@ -103,20 +105,33 @@ def _size(rng: random.Random) -> int:
     return rng.choice((0, 1, 100, 4096, 70_000, 300_000))
 
 
+def _write(p: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
+    """Write ``data`` to the file at ``p``, never waiting on a FIFO there: the other writer's
+    `fifo` op may have made one at that name (a `create` opened one with no reader and waited
+    for 11 minutes, seed 3030288909). O_NONBLOCK makes that open fail (ENXIO, skipped) and
+    changes nothing for a regular file."""
+    fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(p))
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def create(rng: random.Random, root: Path, outside: Path) -> str:
     _, dirs, _ = _walk(root)
     p = _new_name(rng, _pick(rng, dirs))
     with contextlib.suppress(FileNotFoundError):
         _touch_if_linked(p)  # an existing name: written through
-    p.write_bytes(_data(rng, _size(rng)))
+    _write(p, _data(rng, _size(rng)))
     return f"create {p}"
 
 
 def append(rng: random.Random, root: Path, outside: Path) -> str:
     p = _pick(rng, _walk(root)[0])
     _touch_if_linked(p)
-    with p.open("ab") as f:
-        f.write(_data(rng, rng.randrange(1, 5000)))
+    _write(p, _data(rng, rng.randrange(1, 5000)), os.O_APPEND)
     return f"append {p}"
 
 
@@ -134,8 +149,7 @@ def overwrite_same_size(rng: random.Random, root: Path, outside: Path) -> str:
     p = _pick(rng, _walk(root)[0])
     size = p.stat().st_size
     _touch_if_linked(p)
-    with p.open("r+b") as f:
-        f.write(_data(rng, size))
+    _write(p, _data(rng, size), 0)
     return f"overwrite-same-size {p}"
 
 
@@ -281,7 +295,7 @@ def file_to_folder_and_back(rng: random.Random, root: Path, outside: Path) -> st
     if rng.random() < 0.5:
         return f"file-to-folder {p}"
     shutil.rmtree(p)
-    p.write_bytes(_data(rng, _size(rng)))
+    _write(p, _data(rng, _size(rng)))
     return f"file-to-folder-and-back {p}"
 
 
@@ -289,9 +303,9 @@ def create_delete_create(rng: random.Random, root: Path, outside: Path) -> str:
     p = _new_name(rng, _pick(rng, _walk(root)[1]))
     _guard(p)
     for _ in range(rng.randrange(2, 6)):
-        p.write_bytes(_data(rng, _size(rng)))
+        _write(p, _data(rng, _size(rng)))
         p.unlink()
-    p.write_bytes(_data(rng, _size(rng)))
+    _write(p, _data(rng, _size(rng)))
     return f"create-delete-create {p}"
 
 
