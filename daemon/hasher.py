@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import blake3
 
 from daemon import fs
-from daemon.model import Kind, Stat
+from daemon.model import Kind, Stat, stat_fields, stat_of_fields
 from daemon.rules import stable_while_hashed
 
 if TYPE_CHECKING:  # `status` reaches this module through rebuild.py: no thread pool at import
@@ -168,17 +168,8 @@ def hash_group(items: list[tuple[bytes, Stat]]) -> list[Hashed | Exception]:
 
 
 # --- worker processes ------------------------------------------------------------------
-# A group crosses the pipe as plain tuples, which pickle in C, not as Stat dataclasses and
-# Kind enums, which pickle through their classes' Python methods.
-_StatFields = tuple[str, int, int, int, int, int, int, int, int, int]
-
-
-def _fields(st: Stat) -> _StatFields:
-    return (st.kind.value, st.size, st.mtime_ns, st.ctime_ns, st.inode, st.dev, st.mode, st.uid, st.gid, st.nlink)
-
-
-def _stat(fields: _StatFields) -> Stat:
-    return Stat(Kind(fields[0]), *fields[1:])
+# A group crosses the pipe as plain tuples (model.stat_fields), which pickle in C, not as Stat
+# dataclasses and Kind enums, which pickle through their classes' Python methods.
 
 
 def serve(request_fd: int, result_fd: int) -> None:
@@ -197,13 +188,13 @@ def serve(request_fd: int, result_fd: int) -> None:
             group = pickle.loads(requests.recv_bytes())  # noqa: S301 (from the scan that started this process)
         except (EOFError, OSError):  # closed, or cut mid-message by a scan killed while sending
             return
-        items = [(path, _stat(fields)) for path, fields in group]
+        items = [(path, stat_of_fields(fields)) for path, fields in group]
         # The stat after hashing is nearly always the one the walk saw: None says so, and
         # spares the scan building a Stat per file again.
         outcomes = [
             o
             if isinstance(o, Exception)
-            else (o.digest, None if o.stat == seen else _fields(o.stat), o.read_started_ns, o.xattrs)
+            else (o.digest, None if o.stat == seen else stat_fields(o.stat), o.read_started_ns, o.xattrs)
             for o, (_, seen) in zip(hash_group(items), items, strict=True)
         ]
         try:
@@ -322,7 +313,7 @@ class _Worker:
         if not self.alive:
             self._hash_here()
             return answer
-        payload = pickle.dumps([(path, _fields(st)) for path, st in group], pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps([(path, stat_fields(st)) for path, st in group], pickle.HIGHEST_PROTOCOL)
         # Framed as multiprocessing's Connection.send_bytes frames it, for the worker's recv_bytes.
         frame = memoryview(struct.pack("!i", len(payload)) + payload)
         while frame and self.alive:
@@ -351,7 +342,7 @@ class _Worker:
             return
         answer = self.waiting.popleft()
         answer.outcomes = [
-            o if isinstance(o, Exception) else Hashed(o[0], seen if o[1] is None else _stat(o[1]), o[2], o[3])
+            o if isinstance(o, Exception) else Hashed(o[0], seen if o[1] is None else stat_of_fields(o[1]), o[2], o[3])
             for o, (_, seen) in zip(outcomes, answer.group, strict=True)
         ]
 

@@ -154,6 +154,18 @@ class Stat:
         return new
 
 
+# A Stat as plain values, for a pipe to a worker process (hasher, listers).
+StatFields = tuple[str, int, int, int, int, int, int, int, int, int]
+
+
+def stat_fields(st: Stat) -> StatFields:
+    return (st.kind.value, st.size, st.mtime_ns, st.ctime_ns, st.inode, st.dev, st.mode, st.uid, st.gid, st.nlink)
+
+
+def stat_of_fields(fields: StatFields) -> Stat:
+    return Stat(Kind(fields[0]), *fields[1:])
+
+
 _KIND_OF_FORMAT = {stat_mod.S_IFREG: Kind.FILE, stat_mod.S_IFDIR: Kind.DIR, stat_mod.S_IFLNK: Kind.SYMLINK}
 # The slots' own setters, in field order (what Stat.of assigns, by position).
 _SET_STAT: tuple[Callable[[Stat, object], None], ...] = tuple(

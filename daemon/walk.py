@@ -51,6 +51,15 @@ class WalkJournal(Protocol):
     def store_digests(self, digests: Iterable[tuple[bytes, int, int]]) -> None: ...
 
 
+class FolderListers(Protocol):
+    """Processes that go below known folders whose listing is unchanged (daemon.listers)."""
+
+    @property
+    def pending(self) -> bool: ...
+    def submit(self, rel: bytes, st: Stat) -> None: ...
+    def answers(self, stopping: Callable[[], bool]) -> tuple[int, list[tuple[bytes, Stat]]]: ...
+
+
 @dataclass(slots=True)
 class WalkState:
     """What one walk found, handed to its journal in chunks."""
@@ -200,8 +209,12 @@ def walk_scope(
     scope: ScanScope,
     excluded: Excluder,
     stopping: Callable[[], bool],
+    listers: FolderListers | None = None,
 ) -> None:
-    """Walk one scope, queueing new and changed entries and marking vanished ones gone."""
+    """Walk one scope, queueing new and changed entries and marking vanished ones gone.
+
+    With ``listers``, a known folder below the scope's top is handed to them; the walk reads
+    only what they hand back (a listing that differs, an error) and what is new."""
     journal = state.journal
     rel = scope.subtree
     if rel:
@@ -287,12 +300,26 @@ def walk_scope(
 
     seed = digest_seed(excluded)
     points = state.gate.points  # mount points below the root: most walks have none
-    while stack:
+    handed_back: set[bytes] = set()  # by the listers: read here, never handed to them again
+    while stack or (listers is not None and listers.pending):
         if stopping():
             return
+        if not stack:
+            assert listers is not None
+            seen, back = listers.answers(stopping)
+            state.seen += seen
+            for rel, st in back:
+                handed_back.add(rel)
+                stack.append((rel, True, st, True, None))
+            continue
         # known: the folder has a row (b"" is the root, whose children have parent_id 0).
         # own_row: a new folder's own queue row, queued here with its listing, before its children.
         dir_rel, known, dir_stat, recursive, own_row = stack.pop()
+        handed = listers is not None and known and recursive and own_row is None and dir_stat is not None
+        if handed and dir_rel and dir_rel not in handed_back:
+            assert listers is not None and dir_stat is not None
+            listers.submit(dir_rel, dir_stat)
+            continue
         folder = journal.folder_state(dir_rel) if known and dir_rel else None
         dir_id = 0 if not dir_rel else folder.id if folder is not None else None
         dir_abs = join(root_path, dir_rel)
