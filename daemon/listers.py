@@ -79,7 +79,12 @@ class _Lister:
 
     def __init__(self, setup: bytes) -> None:
         child_requests, self.request_fd = os.pipe()
-        result_fd, child_results = os.pipe()
+        try:
+            result_fd, child_results = os.pipe()
+        except OSError:
+            os.close(child_requests)
+            os.close(self.request_fd)
+            raise
         try:
             # -P: not the current folder first on sys.path (see hasher._Worker).
             call = f"from daemon.listers import serve; serve({child_requests}, {child_results})"
