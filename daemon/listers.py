@@ -215,15 +215,24 @@ class Listers:
             if got or stopping():
                 self.flush()
                 return seen, back
-            waiting = [lister.result_fd for lister in self.listers if lister.alive and lister.outstanding]
-            if not waiting:
+            waiting = select.poll()  # not select.select: it refuses descriptors from 1024 up
+            busy = [lister.result_fd for lister in self.listers if lister.alive and lister.outstanding]
+            if not busy:
                 return seen, back
-            select.select(waiting, [], [], WAIT_S)
+            for fd in busy:
+                waiting.register(fd, select.POLLIN)
+            waiting.poll(WAIT_S * 1000)
 
     def close(self) -> None:
         unfinished = self.pending
+        failed: BaseException | None = None
         for lister in self.listers:
-            lister.close(kill=unfinished)
+            try:
+                lister.close(kill=unfinished)
+            except BaseException as e:  # Ctrl-C in a wait, say: the others are still closed (killed)
+                failed, unfinished = failed or e, True
+        if failed is not None:
+            raise failed
 
 
 def open_listers(count: int, setup: Setup) -> Listers | None:
@@ -314,8 +323,9 @@ def _unchanged(
     for name, raw in listing.children:
         if stat_mod.S_ISDIR(raw.st_mode):
             child = rel + b"/" + name
+            if excluded(child):
+                continue
             if child in setup.points:
                 return None  # the walk checks that volume (walk._volume_child)
-            if not excluded(child):
-                subfolders.append((child, Stat.of(raw)))
+            subfolders.append((child, Stat.of(raw)))
     return int.from_bytes(stored[LISTING_DIGEST_BYTES:], "little"), subfolders

@@ -213,7 +213,7 @@ def walk_scope(
 ) -> None:
     """Walk one scope, queueing new and changed entries and marking vanished ones gone.
 
-    With ``listers``, a known folder below the scope's top is handed to them; the walk reads
+    With ``listers``, each known folder other than the root is handed to them; the walk reads
     only what they hand back (a listing that differs, an error) and what is new."""
     journal = state.journal
     rel = scope.subtree
@@ -308,9 +308,9 @@ def walk_scope(
             assert listers is not None
             seen, back = listers.answers(stopping)
             state.seen += seen
-            for rel, st in back:
-                handed_back.add(rel)
-                stack.append((rel, True, st, True, None))
+            for back_rel, back_stat in back:
+                handed_back.add(back_rel)
+                stack.append((back_rel, True, back_stat, True, None))
             continue
         # known: the folder has a row (b"" is the root, whose children have parent_id 0).
         # own_row: a new folder's own queue row, queued here with its listing, before its children.
