@@ -21,16 +21,12 @@ nothing against 32 MiB of hashing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import pickle
-import select
 import shutil
 import signal
-import struct
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +39,7 @@ import blake3
 from daemon import fs
 from daemon.model import Kind, Stat, stat_fields, stat_of_fields
 from daemon.rules import stable_while_hashed
+from daemon.workers import WorkerProcess
 
 if TYPE_CHECKING:  # `status` reaches this module through rebuild.py: no thread pool at import
     from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +47,6 @@ if TYPE_CHECKING:  # `status` reaches this module through rebuild.py: no thread 
 READ_CHUNK = 4 * 1024 * 1024
 CHILD_HASH_BYTES = 32 * 1024 * 1024
 SMALL_FILE = 256 * 1024
-PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 
 _buffers = threading.local()
 
@@ -265,47 +261,10 @@ class _Answer:
         return self.outcomes
 
 
-class _Worker:
+class _Worker(WorkerProcess):
     def __init__(self) -> None:
-        child_requests, self.request_fd = os.pipe()
-        try:
-            result_fd, child_results = os.pipe()
-        except OSError:
-            os.close(child_requests)
-            os.close(self.request_fd)
-            raise
-        try:
-            # -P: not the current folder first on sys.path, where a `daemon` of another
-            # checkout would give the workers other code than the scan's.
-            serve_call = f"from daemon.hasher import serve; serve({child_requests}, {child_results})"
-            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-P", "-c", serve_call],
-                pass_fds=(child_requests, child_results),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        except OSError:
-            self.process = None  # its groups are hashed here, as for a worker that died
-        finally:
-            os.close(child_requests)
-            os.close(child_results)
-        from multiprocessing.connection import Connection  # 5 ms of imports: only where used
-
-        os.set_blocking(self.request_fd, False)
-        for fd in (self.request_fd, result_fd):
-            # Room for dozens of groups each way (the default 64 KiB holds ~10): a full pipe
-            # stalls the scan or the worker, never both (see submit). Refused beyond
-            # pipe-max-size or the user's pipe quota: the default then.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        self.results = Connection(result_fd, writable=False)
+        super().__init__("daemon.hasher")
         self.waiting: deque[_Answer] = deque()
-        self.alive = self.process is not None
-        self.readable = select.poll()
-        self.readable.register(result_fd, select.POLLIN)
-        self.writable_or_readable = select.poll()
-        self.writable_or_readable.register(result_fd, select.POLLIN)
-        self.writable_or_readable.register(self.request_fd, select.POLLOUT)
 
     def submit(self, group: list[tuple[bytes, Stat]]) -> _Answer:
         answer = _Answer(self, group)
@@ -313,17 +272,7 @@ class _Worker:
         if not self.alive:
             self._hash_here()
             return answer
-        payload = pickle.dumps([(path, stat_fields(st)) for path, st in group], pickle.HIGHEST_PROTOCOL)
-        # Framed as multiprocessing's Connection.send_bytes frames it, for the worker's recv_bytes.
-        frame = memoryview(struct.pack("!i", len(payload)) + payload)
-        while frame and self.alive:
-            try:
-                frame = frame[os.write(self.request_fd, frame) :]
-            except BlockingIOError:
-                self.writable_or_readable.poll()
-                self.receive_ready()
-            except BrokenPipeError:
-                self._hash_here()
+        self.send(pickle.dumps([(path, stat_fields(st)) for path, st in group], pickle.HIGHEST_PROTOCOL))
         return answer
 
     def receive_ready(self) -> None:
@@ -352,11 +301,8 @@ class _Worker:
             answer = self.waiting.popleft()
             answer.outcomes = hash_group(answer.group)
 
-    def close(self) -> None:
-        os.close(self.request_fd)  # the worker ends at its next read
-        self.results.close()
-        if self.process is not None:
-            self.process.wait()
+    def died(self) -> None:
+        self._hash_here()
 
 
 # --- dispatch: which worker hashes what, and in what order the results come back ----------------

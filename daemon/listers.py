@@ -21,16 +21,12 @@ changes the digest of a folder it has handed to a lister.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pickle
 import select
 import signal
 import sqlite3
 import stat as stat_mod
-import struct
-import subprocess
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,13 +35,13 @@ from daemon import fs
 from daemon.filters import Excluder
 from daemon.model import LISTING_DIGEST_BYTES, Stat, StatFields, join, stat_fields, stat_of_fields
 from daemon.walk import listing_digest
+from daemon.workers import WorkerProcess
 
 # Folders fewer than this many components deep are not gone below by the lister that found
 # them unchanged: their subfolders go back to the walk as new work, which it spreads over the
 # listers, so two listers share a tree with a few large top folders. Deeper ones stay with
 # their lister (no round trip per folder).
 SPLIT_DEPTH = 3
-PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 WAIT_S = 0.2  # how often a walk waiting on its listers looks at its stop flag
 
 Folder = tuple[bytes, StatFields]
@@ -74,88 +70,37 @@ class Answer:
     unchanged: int = 0  # folders found as stored
 
 
-class _Lister:
+class _Lister(WorkerProcess):
     """The walk's side of one lister process: requests out, answers in, in order."""
 
     def __init__(self, setup: bytes) -> None:
-        child_requests, self.request_fd = os.pipe()
-        try:
-            result_fd, child_results = os.pipe()
-        except OSError:
-            os.close(child_requests)
-            os.close(self.request_fd)
-            raise
-        try:
-            # -P: not the current folder first on sys.path (see hasher._Worker).
-            call = f"from daemon.listers import serve; serve({child_requests}, {child_results})"
-            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-P", "-c", call],
-                pass_fds=(child_requests, child_results),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        except OSError:
-            self.process = None
-        finally:
-            os.close(child_requests)
-            os.close(child_results)
-        from multiprocessing.connection import Connection
-
-        os.set_blocking(self.request_fd, False)
-        for fd in (self.request_fd, result_fd):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        self.results = Connection(result_fd, writable=False)
-        self.result_fd = result_fd
+        super().__init__("daemon.listers")
         self.outstanding: deque[list[Folder]] = deque()
         self.answered: deque[Answer] = deque()
-        self.alive = self.process is not None
-        self.writable_or_readable = select.poll()
-        self.writable_or_readable.register(result_fd, select.POLLIN)
-        self.writable_or_readable.register(self.request_fd, select.POLLOUT)
-        self._send(setup)
+        self.send(setup)
 
     def submit(self, folders: list[Folder]) -> None:
         self.outstanding.append(folders)
-        self._send(pickle.dumps(folders, pickle.HIGHEST_PROTOCOL))
+        self.send(pickle.dumps(folders, pickle.HIGHEST_PROTOCOL))
 
-    def _send(self, payload: bytes) -> None:
-        # Framed as multiprocessing's Connection.send_bytes frames it, for the lister's recv_bytes.
-        # Never blocks while the lister blocks on a full answer pipe: answers are read meanwhile.
-        frame = memoryview(struct.pack("!i", len(payload)) + payload)
-        while frame and self.alive:
-            try:
-                frame = frame[os.write(self.request_fd, frame) :]
-            except BlockingIOError:
-                self.writable_or_readable.poll()
-                if self.results.poll(0):
-                    self.receive()
-            except BrokenPipeError:
-                self._died()
+    def receive_ready(self) -> None:
+        while self.alive and self.outstanding and self.readable.poll(0):
+            self.receive()
 
     def receive(self) -> None:
         """Read one answer (the lister answers in order); a dead lister's requests come back whole."""
         try:
             seen, back, more, unchanged = pickle.loads(self.results.recv_bytes())  # noqa: S301 (from the lister this process started)
         except (EOFError, OSError):
-            self._died()
+            self.died()
             return
         self.outstanding.popleft()
         self.answered.append(Answer(seen, back, more, unchanged))
 
-    def _died(self) -> None:
+    def died(self) -> None:
         self.alive = False
         while self.outstanding:
             self.answered.append(Answer(0, self.outstanding.popleft(), []))
-
-    def close(self, kill: bool) -> None:
-        os.close(self.request_fd)  # the lister ends at its next read
-        self.results.close()
-        if self.process is not None:
-            if kill:  # stopped mid-walk: a lister deep in a large subtree reads nothing for long
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-            self.process.wait()
 
 
 class Listers:
@@ -202,8 +147,7 @@ class Listers:
             seen, got = 0, False
             back: list[tuple[bytes, Stat]] = []
             for lister in self.listers:
-                while lister.alive and lister.outstanding and lister.results.poll(0):
-                    lister.receive()
+                lister.receive_ready()
                 for answer in lister.answered:
                     got = True
                     seen += answer.seen
