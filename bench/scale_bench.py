@@ -161,6 +161,7 @@ def _e1(b: Bench, c: corpora.Corpus, folder: Path) -> Iterator[Result]:
     # (fs/ext4/ialloc.c, recently_deleted(), seen in `perf record`), so 10,000 files written
     # right after 10,000 were deleted took 3.8 s of system time against 0.3 s 40 s later. That,
     # not the daemon, was E1's "8x between runs".
+    #
     # Each burst's daemon starts from a copy of P1's index, so the rounds' files are removed once,
     # at the end, with no daemon watching.
     bare_top = c.root.parent / "e1-unwatched"

@@ -142,7 +142,7 @@ def map_event(event: FileSystemEvent, paths: RootPaths) -> WatchEvent | None:
                 return WatchEvent(EventKind.MOVED, src, dest_rel, is_dir)
             return WatchEvent(EventKind.DELETED, src, is_dir=is_dir)
         # From one excluded name to another (an editor's temp files): its folder's own mtime.
-        return _excluded_name(paths, paths.rel(event.dest_path) if event.dest_path else None)
+        return _excluded_name(paths, dest_rel)
     rel = paths.rel(event.src_path)
     if rel is None:
         return None
