@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import corpus as corpora
 from bench.corpus import Corpus, human
+from daemon.index import sqlite_uri
 
 HERE = Path(__file__).resolve().parent
 
@@ -212,7 +213,7 @@ class Bench:
         indexed = self.out / f"{c.root.name}.db"
         if indexed.exists():
             with (
-                closing(sqlite3.connect(f"file:{indexed}?mode=ro", uri=True)) as src,
+                closing(sqlite3.connect(sqlite_uri(indexed, "mode=ro"), uri=True)) as src,
                 closing(sqlite3.connect(db)) as dst,
             ):
                 src.backup(dst)

@@ -60,6 +60,7 @@ from bench.harness import (
     table,
     tail,
 )
+from daemon.index import sqlite_uri
 
 FIND_FORMAT = "%i %s %T@ %p\n"
 
@@ -205,7 +206,7 @@ def commit_latency(d: Daemon, folder: Path, names: Sequence[str]) -> float:
     """Write ``names`` into ``folder``, then poll the feed read-only every ~2 ms until all of them
     are in it as added: seconds from the last write's quiet window closing to that commit."""
     wanted = {n.encode() for n in names}
-    with closing(sqlite3.connect(f"file:{d.db}?mode=ro", uri=True)) as db:
+    with closing(sqlite3.connect(sqlite_uri(d.db, "mode=ro"), uri=True)) as db:
         seq = int(db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
         for i, name in enumerate(names):
             (folder / name).write_bytes(i.to_bytes(4, "little") + b"p3" * 500)

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +165,23 @@ def _connect(uri: str) -> sqlite3.Connection:
     return db
 
 
+def sqlite_uri(path: Path | str, query: str) -> str:
+    """``path`` as an SQLite URI filename with ``query``. Every byte of the path but letters,
+    digits, ``/`` and ``_.-~`` is percent-encoded: SQLite reads ``?`` as the start of the
+    parameters, ``#`` as the end of the path and ``%HH`` as an escape
+    (https://sqlite.org/uri.html#the_uri_path), so a database below Synology's ``#recycle`` or a
+    folder named ``50%25`` would otherwise open, or create, another file."""
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?{query}"
+
+
 def readonly_uri(path: Path) -> str:
     """A URI that reads ``path`` and writes nothing beside it. A read-only connection to a WAL
     database creates its -wal and -shm when they are missing, and cannot remove them when it
     closes; with no WAL there is no other connection and nothing to merge, and SQLite is told
     so (immutable=1: https://sqlite.org/uri.html#uriimmutable)."""
     if Path(str(path) + "-wal").exists():
-        return f"file:{path}?mode=ro"
-    return f"file:{path}?mode=ro&immutable=1"
+        return sqlite_uri(path, "mode=ro")
+    return sqlite_uri(path, "mode=ro&immutable=1")
 
 
 def check_file(path: Path, *, thorough: bool = False) -> str | None:
@@ -206,7 +216,7 @@ class Index:
             if readonly:
                 if not path.exists():
                     raise IndexError_(f"{path}: no such database (run `treewatch scan` first)")
-                uri = f"file:{path}?mode=ro"
+                uri = sqlite_uri(path, "mode=ro")
             else:
                 if not path.parent.is_dir():
                     raise IndexError_(f"{path}: folder {path.parent} does not exist")
@@ -214,7 +224,7 @@ class Index:
                     raise IndexError_(f"{path}: permission denied (the database must be readable and writable)")
                 if not os.access(path.parent, os.W_OK | os.X_OK):
                     raise IndexError_(f"{path}: folder {path.parent} is not writable (SQLite needs it for its WAL)")
-                uri = f"file:{path}?mode=rwc"
+                uri = sqlite_uri(path, "mode=rwc")
         except OSError as e:
             raise IndexError_(f"{path}: cannot be reached: {e.strerror or e}") from None
         try:

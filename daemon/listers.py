@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from daemon import fs
 from daemon.filters import Excluder
+from daemon.index import sqlite_uri
 from daemon.model import LISTING_DIGEST_BYTES, Stat, StatFields, join, stat_fields, stat_of_fields
 from daemon.walk import listing_digest
 from daemon.workers import WorkerProcess
@@ -208,7 +209,7 @@ def serve(request_fd: int, result_fd: int) -> None:
         return
     db: sqlite3.Connection | None
     try:
-        db = sqlite3.connect(f"file:{setup.db_path}?mode=ro", uri=True, timeout=30.0)
+        db = sqlite3.connect(sqlite_uri(setup.db_path, "mode=ro"), uri=True, timeout=30.0)
     except sqlite3.Error:
         db = None  # every folder goes back to the walk
     excluded = Excluder(setup.excludes)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.index import Index, IndexError_
+from daemon.index import Index, IndexError_, sqlite_uri
 from daemon.model import Kind, Op, parent_of
 from daemon.salvage import TABLES, VOUCHED, SalvageError, salvage
 
@@ -127,7 +127,7 @@ def _build(scratch: Path, fresh: Path, *, owner: tuple[int, int, int] | None) ->
     try:
         counts = _Counts()
         db = index.db
-        db.execute("ATTACH DATABASE ? AS salvage", (f"file:{scratch}?mode=ro",))
+        db.execute("ATTACH DATABASE ? AS salvage", (sqlite_uri(scratch, "mode=ro"),))
         with index.transaction():
             writer = _Writer(db, time.time())
             seen_roots: set[bytes] = set()

@@ -7,13 +7,15 @@ import random
 import sqlite3
 from pathlib import Path
 
+from daemon.index import sqlite_uri
+
 PAGE = 4096
 
 
 def pages_of(db: Path) -> dict[str, list[int]]:
     """Each table's and index's pages, read with SQLite's dbstat (on a copy: it is never opened
     again as it was)."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = sqlite3.connect(sqlite_uri(db, "mode=ro"), uri=True)
     try:
         out: dict[str, list[int]] = {}
         for name, page in con.execute("SELECT name, pageno FROM dbstat"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import RootConfig, SyncConfig
-from daemon.index import Index
+from daemon.index import Index, sqlite_uri
 from daemon.model import ScanScope
 from daemon.progress import NoProgress
 from daemon.scan import scan
@@ -31,7 +31,7 @@ def index(db: Path) -> Iterator[Index]:
 
 def has_content_index(db: Path) -> bool:
     """As another process sees the database."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    con = sqlite3.connect(sqlite_uri(db, "mode=ro"), uri=True, timeout=10)
     try:
         row = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (CONTENT_INDEX,))
         return row.fetchone() is not None

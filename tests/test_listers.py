@@ -15,7 +15,7 @@ import pytest
 
 from daemon import fs
 from daemon.filters import Excluder
-from daemon.index import Index
+from daemon.index import Index, sqlite_uri
 from daemon.journal import ScanJournal
 from daemon.listers import SPLIT_DEPTH, Answer, Listers, Setup, list_below
 from daemon.model import ScanScope, stat_fields
@@ -123,7 +123,7 @@ def test_close_while_folders_are_out_leaves_no_lister_alive(tree: Path, index: I
 def list_one(index: Index, tree: Path, rel: str, setup: Setup | None = None, stat_of: Path | None = None) -> Answer:
     setup = setup or setup_of(index, tree)
     st = fs.lstat(os.fsencode(stat_of or tree / rel))
-    with sqlite3.connect(f"file:{index.path}?mode=ro", uri=True) as db:
+    with sqlite3.connect(sqlite_uri(index.path, "mode=ro"), uri=True) as db:
         return list_below(db, setup, Excluder(setup.excludes), [(rel.encode(), stat_fields(st))])
 
 
@@ -173,3 +173,24 @@ def test_an_excluded_subfolder_is_not_gone_below(library: Path, index: Index) ->
     answer = list_one(index, library, "a", setup_of(index, library, excludes=("skipdir",)))
     assert answer.back == []
     assert [rel for rel, _ in answer.more] == [b"a/keep"]
+
+
+def test_a_database_whose_path_means_something_in_a_uri_is_read_by_the_listers(library: Path, tmp_path: Path) -> None:
+    """The listers open the database by URI on their own: below a folder named like Synology's
+    #recycle it is still the index (a cut name would hand every folder back, only slower)."""
+    home = tmp_path / os.fsdecode(b"#recycle 50%25 caf\xe9?")
+    home.mkdir()
+    index = Index(home / "index.db")
+    try:
+        for folder in FOLDERS[:4]:
+            (library / folder).mkdir(parents=True)
+            (library / folder / "f.jpg").write_bytes(folder.encode())
+        settle(library)
+        sync(index, library)
+        sync(index, library)
+        listers = Listers(2, setup_of(index, library))
+        walk_with(index, library, listers)
+        assert listers.unchanged == folders_on_disk(library)
+        assert listers.handed_back == 0
+    finally:
+        index.close()

@@ -282,3 +282,23 @@ def test_repair_as_root_keeps_the_owner_and_mode(library: Path, db: Path) -> Non
     after = db.stat()
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
     assert after.st_ino != before.st_ino
+
+
+@pytest.mark.parametrize("folder", ["#recycle", "50%25", "why?"])  # a name not in UTF-8: test_listers.py
+def test_a_database_in_a_folder_whose_name_means_something_in_a_uri_is_that_file(
+    tmp_path: Path, library: Path, folder: str
+) -> None:
+    """SQLite opens a database by URI, where ``?``, ``#`` and ``%HH`` mean something: a database
+    below Synology's #recycle, or in a folder named 50%25, is still the file it names, through
+    a scan, a read-only command and a repair (which attaches its salvage by URI)."""
+    home = tmp_path / folder
+    home.mkdir()
+    db = home / "index.db"
+    indexed_db(library, db, 23)
+    assert json.loads(cli(db, "status", "--json").stdout)["roots"][0]["files"] > 0
+    damage(db, 23)
+    done = cli(db, "repair", "--root", str(library))
+    assert "repaired" in done.stdout, (done.stdout, done.stderr)
+    assert diff(expected(library), indexed(db, library)) == []
+    assert len(damaged_files(db)) >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["library", folder])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.index import sqlite_uri
 from tests.conftest import wait_for
 from tests.oracle import cli, diff, expected, indexed
 from tests.test_content_index import has_content_index
@@ -40,7 +41,7 @@ def counter(db: Path, name: str) -> int:
     if not db.exists():
         return 0
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        con = sqlite3.connect(sqlite_uri(db, "mode=ro"), uri=True, timeout=5)
         try:
             row = con.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         finally:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from daemon.index import sqlite_uri
 from daemon.logs import MessageId
 from tests.systemd_harness import (
     UNIT_FILE,
@@ -557,7 +558,7 @@ def test_unit_repairs_a_damaged_database_in_place(service: Service) -> None:
     assert service.manager.ctl("start", UNIT).returncode == 0, service.diagnostics()
     wait_until(lambda: (r := root_status(service.db, root)) and r["files"] == 400, 30, "the first sync")
     assert service.manager.ctl("stop", UNIT).returncode == 0
-    con = sqlite3.connect(f"file:{service.db}?mode=ro", uri=True)
+    con = sqlite3.connect(sqlite_uri(service.db, "mode=ro"), uri=True)
     pages = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'entries' AND pagetype = 'leaf'")]
     con.close()
     with service.db.open("r+b") as f:

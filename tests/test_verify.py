@@ -15,6 +15,7 @@ from typing import Any
 import blake3
 import pytest
 
+from daemon.index import sqlite_uri
 from daemon.verify import TokenBucket
 from tests.conftest import wait_for
 from tests.oracle import cli, ls_json
@@ -156,12 +157,12 @@ def test_token_bucket(steps: list[tuple[float, int]], waits: list[float]) -> Non
 
 
 def counters(db: Path) -> dict[str, int]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(sqlite_uri(db, "mode=ro"), uri=True) as conn:
         return dict(conn.execute("SELECT name, value FROM counters").fetchall())
 
 
 def verify_cursor(db: Path) -> object:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(sqlite_uri(db, "mode=ro"), uri=True) as conn:
         return conn.execute("SELECT cursor FROM jobs WHERE name = 'verify'").fetchone()
 
 
