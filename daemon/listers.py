@@ -27,6 +27,7 @@ import select
 import signal
 import sqlite3
 import stat as stat_mod
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from daemon.workers import WorkerProcess
 # their lister (no round trip per folder).
 SPLIT_DEPTH = 3
 WAIT_S = 0.2  # how often a walk waiting on its listers looks at its stop flag
+CANNOT_READ_INDEX = 3  # a lister's exit status when its read-only connection cannot be opened
 
 Folder = tuple[bytes, StatFields]
 
@@ -78,6 +80,7 @@ class _Lister(WorkerProcess):
         super().__init__("daemon.listers")
         self.outstanding: deque[list[Folder]] = deque()
         self.answered: deque[Answer] = deque()
+        self.ended_early = self.process is None  # never started, or died before the walk was done
         self.send(setup)
 
     def submit(self, folders: list[Folder]) -> None:
@@ -100,8 +103,20 @@ class _Lister(WorkerProcess):
 
     def died(self) -> None:
         self.alive = False
+        self.ended_early = True
         while self.outstanding:
             self.answered.append(Answer(0, self.outstanding.popleft(), []))
+
+    def why_it_ended(self) -> str:
+        """Why a lister that ended early did, once it has been waited for (``close``)."""
+        code = None if self.process is None else self.process.returncode
+        if code is None:
+            return "could not be started"
+        if code == CANNOT_READ_INDEX:
+            return "could not open the index read-only"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
 
 
 class Listers:
@@ -114,6 +129,10 @@ class Listers:
         self.queued: list[Folder] = []
         self.unchanged = 0  # folders the listers found as stored
         self.handed_back = 0  # folders they handed back to the walk
+        # Why each lister that ended before the walk did (known once closed): the walk read
+        # their folders itself, so the sync was only slower, but a lister killed by the OOM
+        # killer on every sync is worth a line in the log.
+        self.lost: list[str] = []
         try:
             for _ in range(count):
                 self.listers.append(_Lister(payload))
@@ -176,6 +195,7 @@ class Listers:
                 lister.close(kill=unfinished)
             except BaseException as e:  # Ctrl-C in a wait, say: the others are still closed (killed)
                 failed, unfinished = failed or e, True
+        self.lost = [lister.why_it_ended() for lister in self.listers if lister.ended_early]
         if failed is not None:
             raise failed
 
@@ -207,11 +227,10 @@ def serve(request_fd: int, result_fd: int) -> None:
         setup: Setup = pickle.loads(requests.recv_bytes())  # noqa: S301 (from the walk that started this process)
     except (EOFError, OSError):
         return
-    db: sqlite3.Connection | None
     try:
         db = sqlite3.connect(sqlite_uri(setup.db_path, "mode=ro"), uri=True, timeout=30.0)
     except sqlite3.Error:
-        db = None  # every folder goes back to the walk
+        sys.exit(CANNOT_READ_INDEX)  # the walk takes this lister's folders back, and says why it ended
     excluded = Excluder(setup.excludes)
     while True:
         try:
@@ -226,7 +245,7 @@ def serve(request_fd: int, result_fd: int) -> None:
             return
 
 
-def list_below(db: sqlite3.Connection | None, setup: Setup, excluded: Excluder, folders: list[Folder]) -> Answer:
+def list_below(db: sqlite3.Connection, setup: Setup, excluded: Excluder, folders: list[Folder]) -> Answer:
     """Go below each folder while its listing is the one stored (see the module's docstring)."""
     answer = Answer(0, [], [])
     stack = [(rel, stat_of_fields(fields)) for rel, fields in folders]
@@ -250,11 +269,9 @@ def list_below(db: sqlite3.Connection | None, setup: Setup, excluded: Excluder, 
 
 
 def _unchanged(
-    db: sqlite3.Connection | None, setup: Setup, excluded: Excluder, rel: bytes, st: Stat
+    db: sqlite3.Connection, setup: Setup, excluded: Excluder, rel: bytes, st: Stat
 ) -> tuple[int, list[tuple[bytes, Stat]]] | None:
     """(entries counted, subfolders to go below) when the folder is as stored, else None."""
-    if db is None:
-        return None
     row = db.execute(
         "SELECT children_digest FROM entries WHERE root_id = ? AND path = ? AND kind = 'dir'", (setup.root_id, rel)
     ).fetchone()

@@ -271,6 +271,9 @@ class ScanReport:
     volumes_online: list[bytes] = field(default_factory=list)
     volumes_back: list[bytes] = field(default_factory=list)  # offline before this scan, online now
     volumes_missed: list[bytes] = field(default_factory=list)  # offline ones the scopes cover: left as indexed
+    # Lister processes (daemon/listers.py) that ended before the walk did, and why: the walk
+    # listed their folders itself, so nothing was missed; the sync was only slower.
+    listers_lost: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:

@@ -264,6 +264,7 @@ def scan(
     finally:
         if listers is not None:
             listers.close()
+            report.listers_lost = listers.lost
     walk.flush()
     report.walked = walk.seen
     if walk.errors:

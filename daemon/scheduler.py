@@ -611,6 +611,9 @@ class Scheduler:
         if len(report.errors) > ERRORS_LOGGED:
             self.log.warning("more entries cannot be indexed", root=rt.path, count=len(report.errors) - ERRORS_LOGGED,
                              message_id=MessageId.SCAN_ERROR)  # fmt: skip
+        if report.listers_lost:
+            self.log.warning("lister processes ended early; the walk listed their folders itself (slower, "
+                             "nothing missed)", root=rt.path, reasons="; ".join(report.listers_lost))  # fmt: skip
         changed = {op.value: n for op, n in report.ops.items() if n}
         poll_pass, rt.poll_pass = rt.poll_pass, False
         if report.interrupted:

@@ -18,7 +18,7 @@ from daemon.filters import Excluder
 from daemon.index import Index, sqlite_uri
 from daemon.journal import ScanJournal
 from daemon.listers import SPLIT_DEPTH, Answer, Listers, Setup, list_below
-from daemon.model import ScanScope, stat_fields
+from daemon.model import Op, ScanScope, stat_fields
 from daemon.walk import WalkState, digest_seed, walk_scope
 from tests.engine import settle
 from tests.test_scan_cases import sync
@@ -82,6 +82,7 @@ def test_an_unchanged_tree_is_decided_by_the_listers_alone(tree: Path, index: In
     assert listers.handed_back == 0
     assert queued(index) == []
     assert state.errors == {}
+    assert listers.lost == []
 
 
 def test_a_changed_folder_is_handed_back_and_read_by_the_walk(tree: Path, index: Index) -> None:
@@ -108,6 +109,21 @@ def test_a_lister_killed_before_the_walk_costs_only_time(tree: Path, index: Inde
     assert listers.handed_back >= 1  # what the dead one was sent came back to the walk
     assert queued(index) == [b"top0/y1/m0/e1/f0.jpg"]
     assert state.seen == entries_on_disk(tree)
+    assert listers.lost == ["killed by SIGKILL"]  # for the log: the sync was slower, and why
+
+
+def test_a_sync_whose_listers_cannot_read_the_index_is_whole_and_says_why(tree: Path, index: Index) -> None:
+    """The listers open the database by its name, after the scan has: renamed in between (as a
+    file moved by hand would be), they cannot, and the walk lists every folder itself."""
+    (tree / "top2/y0/m1/e1/new.jpg").write_bytes(b"new")
+    moved = index.path.with_name("moved.db")
+    index.path.rename(moved)  # the scan's own connection keeps its open file
+    try:
+        report = sync(index, tree)
+    finally:
+        moved.rename(index.path)
+    assert report.listers_lost == ["could not open the index read-only"] * 2
+    assert report.ops[Op.ADDED] == 1
 
 
 def test_close_while_folders_are_out_leaves_no_lister_alive(tree: Path, index: Index) -> None:
@@ -118,6 +134,7 @@ def test_close_while_folders_are_out_leaves_no_lister_alive(tree: Path, index: I
     listers.close()
     for lister in listers.listers:
         assert lister.process is not None and lister.process.returncode is not None
+    assert listers.lost == []  # killed by the walk: not lost
 
 
 def list_one(index: Index, tree: Path, rel: str, setup: Setup | None = None, stat_of: Path | None = None) -> Answer:

@@ -134,6 +134,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             log.warning("more entries could not be indexed", root=where, count=len(r.errors) - 20)
         if r.unstable:
             log.warning("files kept changing while hashed", root=where, count=len(r.unstable))
+        if r.listers_lost:
+            log.warning("lister processes ended early; the walk listed their folders itself (slower, nothing missed)",
+                        root=where, reasons="; ".join(r.listers_lost))  # fmt: skip
     print(f"treewatch: {summary(reports, time.monotonic() - started)}")
     return ExitCode.OK if all(r.clean for r in reports) else ExitCode.FAILURE
 
