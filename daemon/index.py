@@ -170,8 +170,10 @@ def sqlite_uri(path: Path | str, query: str) -> str:
     digits, ``/`` and ``_.-~`` is percent-encoded: SQLite reads ``?`` as the start of the
     parameters, ``#`` as the end of the path and ``%HH`` as an escape
     (https://sqlite.org/uri.html#the_uri_path), so a database below Synology's ``#recycle`` or a
-    folder named ``50%25`` would otherwise open, or create, another file."""
-    return f"file:{urllib.parse.quote(os.fsencode(path))}?{query}"
+    folder named ``50%25`` would otherwise open, or create, another file. An absolute path gets
+    an empty authority (``file:///srv/…``): ``file://srv/…`` would name a host."""
+    quoted = urllib.parse.quote(os.fsencode(path))
+    return f"file://{quoted}?{query}" if quoted.startswith("/") else f"file:{quoted}?{query}"
 
 
 def readonly_uri(path: Path) -> str:

@@ -76,3 +76,13 @@ def test_unwritable_and_unreachable_database_folder(tmp_path: Path) -> None:
         )  # fmt: skip
         one_line(result, str(db))
         assert list(folder.iterdir()) == []
+
+
+def test_a_database_path_that_starts_with_two_slashes_is_that_file(library: Path, tmp_path: Path) -> None:
+    """`//srv/index.db` is `/srv/index.db` on Linux; as `file://srv/…` SQLite read a host in it."""
+    (library / "f").write_bytes(b"f")
+    db = Path("/" + str(tmp_path / "index.db"))
+    assert str(db).startswith("//")
+    assert "1 added" in cli(db, "scan", "--root", str(library)).stdout
+    assert "1 files" in cli(db, "status").stdout
+    assert (tmp_path / "index.db").is_file()
