@@ -112,6 +112,7 @@ def test_a_lister_killed_before_the_walk_costs_only_time(tree: Path, index: Inde
     assert listers.lost == ["killed by SIGKILL"]  # for the log: the sync was slower, and why
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a sync starts listers only with two cores or more")
 def test_a_sync_whose_listers_cannot_read_the_index_is_whole_and_says_why(tree: Path, index: Index) -> None:
     """The listers open the database by its name, after the scan has: renamed in between (as a
     file moved by hand would be), they cannot, and the walk lists every folder itself."""
