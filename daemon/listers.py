@@ -76,8 +76,9 @@ class Answer:
 class _Lister(WorkerProcess):
     """The walk's side of one lister process: requests out, answers in, in order."""
 
-    def __init__(self, setup: bytes) -> None:
+    def __init__(self, setup: bytes, stopping: Callable[[], bool]) -> None:
         super().__init__("daemon.listers")
+        self.stopping = stopping
         self.outstanding: deque[list[Folder]] = deque()
         self.answered: deque[Answer] = deque()
         self.ended_early = self.process is None  # never started, or died before the walk was done
@@ -123,7 +124,7 @@ class Listers:
     """Lister processes of one walk (``walk.FolderListers``). ``submit`` queues a folder,
     ``answers`` waits for what came back; ``pending`` says whether any folder is still out."""
 
-    def __init__(self, count: int, setup: Setup) -> None:
+    def __init__(self, count: int, setup: Setup, stopping: Callable[[], bool] = lambda: False) -> None:
         payload = pickle.dumps(setup, pickle.HIGHEST_PROTOCOL)
         self.listers: list[_Lister] = []
         self.queued: list[Folder] = []
@@ -135,7 +136,7 @@ class Listers:
         self.lost: list[str] = []
         try:
             for _ in range(count):
-                self.listers.append(_Lister(payload))
+                self.listers.append(_Lister(payload, stopping))
         except BaseException:  # out of descriptors, say: none of the started ones is left behind
             self.close()
             raise
@@ -200,14 +201,14 @@ class Listers:
             raise failed
 
 
-def open_listers(count: int, setup: Setup) -> Listers | None:
+def open_listers(count: int, setup: Setup, stopping: Callable[[], bool]) -> Listers | None:
     """``count`` listers, or None when this machine has one core for the walk (no gain), or no
     process can be started (the walk lists alone)."""
     count = min(count, len(os.sched_getaffinity(0)))
     if count < 2:
         return None
     with contextlib.suppress(OSError):
-        return Listers(count, setup)
+        return Listers(count, setup, stopping)
     return None
 
 

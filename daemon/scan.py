@@ -189,7 +189,7 @@ def _first_index(index: Index, journal: ScanJournal, root_path: bytes, scope: Sc
 
 
 def _listers(index: Index, root_id: int, root_path: bytes, scopes: Sequence[ScanScope], sync: SyncConfig,
-             excluded: Excluder, found: volumes.Volumes) -> Listers | None:  # fmt: skip
+             excluded: Excluder, found: volumes.Volumes, stop: threading.Event) -> Listers | None:  # fmt: skip
     """Lister processes for a walk of a whole root (a sync: every folder known, most unchanged),
     as many as ``hash_workers`` (the hash workers have nothing to do while the walk runs), none
     for a scoped scan: a few folders are listed sooner than a process starts (~45 ms)."""
@@ -197,7 +197,7 @@ def _listers(index: Index, root_id: int, root_path: bytes, scopes: Sequence[Scan
     if not whole_root or sync.hash_workers < 2:
         return None
     setup = Setup(str(index.path), root_id, root_path, digest_seed(excluded), excluded.patterns, found.gate.points)
-    return open_listers(sync.hash_workers, setup)
+    return open_listers(sync.hash_workers, setup, stop.is_set)
 
 
 def scan(
@@ -257,7 +257,7 @@ def scan(
 
     progress.phase(root_path, "walking")
     walk = WalkState(journal, sync.batch_size, gate=found.gate, listed=set() if len(scopes) > 1 else None)
-    listers = _listers(index, root.id, root_path, scopes, sync, excluded, found)
+    listers = _listers(index, root.id, root_path, scopes, sync, excluded, found, stop)
     try:
         for scope in scopes:
             walk_scope(walk, root_path, scope, excluded, stop.is_set, listers)

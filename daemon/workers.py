@@ -12,12 +12,18 @@ import select
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
+STOP_POLL_MS = 200  # how often a send waiting on a full request pipe looks at its stop flag
+
+
+def _never() -> bool:
+    return False
 
 
 class WorkerProcess:
@@ -25,7 +31,10 @@ class WorkerProcess:
 
     A subclass says how answers are read (``receive_ready``) and what becomes of the requests
     of a worker that died or never started (``died``); ``alive`` is False from then on.
+    ``stopping`` is the owner's stop flag, looked at while a send waits for room.
     """
+
+    stopping: Callable[[], bool] = staticmethod(_never)
 
     def __init__(self, module: str) -> None:
         child_requests, self.request_fd = os.pipe()
@@ -69,16 +78,29 @@ class WorkerProcess:
 
     def send(self, payload: bytes) -> None:
         """One request, for the worker's recv_bytes. Never blocks while the worker blocks on a
-        full answer pipe: the answers waiting are read meanwhile."""
+        full answer pipe: the answers waiting are read meanwhile. Waiting for room in a full
+        request pipe (a worker deep in a long request reads nothing), it gives the worker up
+        once ``stopping``: a SIGTERM is not held up by the longest request in the pipe."""
         frame = memoryview(struct.pack("!i", len(payload)) + payload)
         while frame and self.alive:
             try:
                 frame = frame[os.write(self.request_fd, frame) :]
             except BlockingIOError:
-                self.writable_or_readable.poll()
+                if self.stopping():
+                    self.give_up()
+                    return
+                self.writable_or_readable.poll(STOP_POLL_MS)
                 self.receive_ready()
             except BrokenPipeError:
                 self.died()
+
+    def give_up(self) -> None:
+        """Stop using the worker, mid-request or not: a part-written frame leaves its request
+        stream unreadable, so the process is killed now (``close`` waits for it)."""
+        self.alive = False
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
 
     def receive_ready(self) -> None:
         raise NotImplementedError

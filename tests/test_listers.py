@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +139,33 @@ def test_close_while_folders_are_out_leaves_no_lister_alive(tree: Path, index: I
     for lister in listers.listers:
         assert lister.process is not None and lister.process.returncode is not None
     assert listers.lost == []  # killed by the walk: not lost
+
+
+def test_a_stop_is_not_held_up_by_listers_that_read_nothing(tree: Path, index: Index) -> None:
+    """A walk that has filled a lister's request pipe waits for room; once stopping, it gives
+    the lister up instead (SIGSTOPped here: as one deep in a long request, it reads nothing)."""
+    stop = threading.Event()
+    listers = Listers(2, setup_of(index, tree), stop.is_set)
+    try:
+        for lister in listers.listers:
+            assert lister.process is not None
+            os.kill(lister.process.pid, signal.SIGSTOP)
+        st = fs.lstat(os.fsencode(tree / "top0"))
+        setter = threading.Timer(0.5, stop.set)
+        setter.start()
+        deadline = time.monotonic() + 60
+        submitted = 0
+        while any(lister.alive for lister in listers.listers):  # far more than two pipes hold
+            assert time.monotonic() < deadline, "the listers were never given up"
+            listers.submit(b"top0", st)
+            submitted += 1
+        setter.join()
+        assert stop.is_set() and submitted > 1000
+    finally:
+        listers.close()
+    for lister in listers.listers:
+        assert lister.process is not None and lister.process.returncode == -signal.SIGKILL
+    assert listers.lost == []  # given up by the walk: not lost
 
 
 def list_one(index: Index, tree: Path, rel: str, setup: Setup | None = None, stat_of: Path | None = None) -> Answer:
