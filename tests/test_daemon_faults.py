@@ -68,7 +68,11 @@ def test_watch_limit_falls_back_to_polling_and_converges(
         (library / f"album{i:02d}").mkdir()
         (library / f"album{i:02d}" / "a.jpg").write_bytes(os.urandom(100))
     db = tmp_path / "index.db"
-    config = write_config(tmp_path / "c.toml", db, [library])
+    # A polling pass every 3 s, not every second: the status is published every second, and a
+    # pass every second could run at every publish (their phases locked), so that `status`
+    # showed a sync under way at every look and the harness never saw the daemon idle (a
+    # timeout 1 run in 4, and 33-68 s for the runs that passed; 5.0-5.5 s with 3 s passes).
+    config = write_config(tmp_path / "c.toml", db, [library], watch={"poll_interval_s": 3.0})
     # The daemon runs in a user namespace whose own max_inotify_watches is below the 41 folders.
     script = 'echo 10 > /proc/sys/user/max_inotify_watches && exec "$@"'
     daemon = Daemon(config, db, [library], tmp_path / "d.log", prefix=["unshare", "-U", "-r", "sh", "-c", script, "sh"])
