@@ -39,7 +39,7 @@ import blake3
 from daemon import fs
 from daemon.model import Kind, Stat, stat_fields, stat_of_fields
 from daemon.rules import stable_while_hashed
-from daemon.workers import WorkerProcess
+from daemon.workers import WorkerProcess, worker_pipes
 
 if TYPE_CHECKING:  # `status` reaches this module through rebuild.py: no thread pool at import
     from concurrent.futures import ThreadPoolExecutor
@@ -170,15 +170,7 @@ def hash_group(items: list[tuple[bytes, Stat]]) -> list[Hashed | Exception]:
 
 def serve(request_fd: int, result_fd: int) -> None:
     """A worker process: hash each group it is sent, until the scan closes its end of the pipe."""
-    # Ctrl-C in a terminal reaches the whole process group (and `systemctl kill` the whole
-    # cgroup): the scan stops and closes the pipes, and this loop ends at its next read or
-    # write, instead of a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from multiprocessing.connection import Connection  # 5 ms of imports: only where used
-
-    requests = Connection(request_fd, writable=False)
-    results = Connection(result_fd, readable=False)
+    requests, results = worker_pipes(request_fd, result_fd)
     while True:
         try:
             group = pickle.loads(requests.recv_bytes())  # noqa: S301 (from the scan that started this process)

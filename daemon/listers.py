@@ -37,7 +37,7 @@ from daemon.filters import Excluder
 from daemon.index import sqlite_uri
 from daemon.model import LISTING_DIGEST_BYTES, Stat, StatFields, join, stat_fields, stat_of_fields
 from daemon.walk import listing_digest
-from daemon.workers import WorkerProcess
+from daemon.workers import WorkerProcess, worker_pipes
 
 # Folders fewer than this many components deep are not gone below by the lister that found
 # them unchanged: their subfolders go back to the walk as new work, which it spreads over the
@@ -217,13 +217,7 @@ def open_listers(count: int, setup: Setup, stopping: Callable[[], bool]) -> List
 
 def serve(request_fd: int, result_fd: int) -> None:
     """A lister process: answer each request, until the walk closes its end of the pipe."""
-    # As hasher.serve: Ctrl-C reaches the whole process group; the walk stops and closes the pipes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from multiprocessing.connection import Connection
-
-    requests = Connection(request_fd, writable=False)
-    results = Connection(result_fd, readable=False)
+    requests, results = worker_pipes(request_fd, result_fd)
     try:
         setup: Setup = pickle.loads(requests.recv_bytes())  # noqa: S301 (from the walk that started this process)
     except (EOFError, OSError):

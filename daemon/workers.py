@@ -1,6 +1,7 @@
 """A scan's worker process and the two pipes to it: requests out, answers back, each framed as
 ``multiprocessing.connection`` frames them. The hash workers (``hasher``) and the listers
-(``listers``) are both one of these, with their own requests and answers.
+(``listers``) are both one of these, with their own requests and answers; ``worker_pipes`` is
+the worker's own side.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -116,3 +118,15 @@ class WorkerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()
             self.process.wait()
+
+
+def worker_pipes(request_fd: int, result_fd: int) -> tuple[Connection, Connection]:
+    """In a worker process: its two pipes (requests in, answers out), with Ctrl-C and SIGTERM
+    ignored. Ctrl-C in a terminal reaches the whole process group (and `systemctl kill` the
+    whole cgroup): the scan stops and closes the pipes, and the worker's loop ends at its next
+    read or write, instead of a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from multiprocessing.connection import Connection  # 5 ms of imports: only where used
+
+    return Connection(request_fd, writable=False), Connection(result_fd, readable=False)
