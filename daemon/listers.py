@@ -37,7 +37,7 @@ from daemon.filters import Excluder
 from daemon.index import sqlite_uri
 from daemon.model import LISTING_DIGEST_BYTES, Stat, StatFields, join, stat_fields, stat_of_fields
 from daemon.walk import listing_digest
-from daemon.workers import WorkerProcess, worker_pipes
+from daemon.workers import WorkerProcess, never_stopping, worker_pipes
 
 # Folders fewer than this many components deep are not gone below by the lister that found
 # them unchanged: their subfolders go back to the walk as new work, which it spreads over the
@@ -124,7 +124,7 @@ class Listers:
     """Lister processes of one walk (``walk.FolderListers``). ``submit`` queues a folder,
     ``answers`` waits for what came back; ``pending`` says whether any folder is still out."""
 
-    def __init__(self, count: int, setup: Setup, stopping: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, count: int, setup: Setup, stopping: Callable[[], bool] = never_stopping) -> None:
         payload = pickle.dumps(setup, pickle.HIGHEST_PROTOCOL)
         self.listers: list[_Lister] = []
         self.queued: list[Folder] = []

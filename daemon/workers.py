@@ -24,7 +24,8 @@ PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
 STOP_POLL_MS = 200  # how often a send waiting on a full request pipe looks at its stop flag
 
 
-def _never() -> bool:
+def never_stopping() -> bool:
+    """The stop flag of an owner that gives its workers up only at ``close``."""
     return False
 
 
@@ -36,7 +37,7 @@ class WorkerProcess:
     ``stopping`` is the owner's stop flag, looked at while a send waits for room.
     """
 
-    stopping: Callable[[], bool] = staticmethod(_never)
+    stopping: Callable[[], bool] = staticmethod(never_stopping)
 
     def __init__(self, module: str) -> None:
         child_requests, self.request_fd = os.pipe()
@@ -113,10 +114,9 @@ class WorkerProcess:
     def close(self, *, kill: bool = False) -> None:
         os.close(self.request_fd)  # the worker ends at its next read
         self.results.close()
+        if kill:  # a worker deep in a long request reads nothing for long
+            self.give_up()
         if self.process is not None:
-            if kill:  # a worker deep in a long request reads nothing for long
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
             self.process.wait()
 
 
